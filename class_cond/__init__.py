@@ -1,0 +1,1 @@
+"""Class-conditional ImageNet: SiT/DiT models and presets, the task, data and the train entry point."""

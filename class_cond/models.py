@@ -1,0 +1,167 @@
+"""SiT (and DiT: same backbone) with REPA projectors, and its size presets.
+
+Parameter names and init follow SiT/DiT `models.py` and the REPA release, so their checkpoints load unchanged.
+"""
+from typing import Sequence
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from core.layers import (
+    Attention,
+    FinalLayer,
+    LabelEmbedder,
+    Mlp,
+    PatchEmbed,
+    TimestepEmbedder,
+    get_2d_sincos_pos_embed,
+    modulate,
+    unpatchify,
+)
+from core.repa import build_projector
+
+
+class SiTBlock(nn.Module):
+    """adaLN-Zero transformer block. x: (B, N, hidden), c: (B, hidden) conditioning -> (B, N, hidden)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, qk_norm: bool = False):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads, qkv_bias=True, qk_norm=qk_norm)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+
+
+class SiT(nn.Module):
+    """Class-conditional latent transformer with REPA projectors on block `repa_depth` (1-indexed).
+
+    forward(x: (B, in_channels, input_size, input_size) latents, t: (B,) float time, y: (B,) long labels, label
+    `num_classes` = null) -> (out: (B, out_channels, input_size, input_size), zs: one (B, N, encoder_dims[k]) per
+    encoder, N = (input_size / patch_size)**2). out_channels doubles with learn_sigma (DiT's variance head).
+    """
+
+    def __init__(
+        self,
+        input_size: int = 32,
+        patch_size: int = 2,
+        in_channels: int = 4,
+        hidden_size: int = 1152,
+        depth: int = 28,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        num_classes: int = 1000,
+        learn_sigma: bool = False,
+        repa_depth: int = 8,
+        encoder_dims: Sequence[int] = (768,),
+        projector_dim: int = 2048,
+        qk_norm: bool = False,
+        grad_checkpointing: bool = False,
+    ):
+        super().__init__()
+        _check_config(input_size, patch_size, hidden_size, depth, num_heads, repa_depth, encoder_dims)
+        self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
+        self.out_channels = 2 * in_channels if learn_sigma else in_channels
+        self.repa_depth = repa_depth
+        self.grad_checkpointing = grad_checkpointing
+
+        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size)
+        pos = get_2d_sincos_pos_embed(hidden_size, input_size // patch_size).unsqueeze(0)
+        # Persistent so "pos_embed" is in the state dict like the reference (a frozen Parameter there).
+        self.register_buffer("pos_embed", pos, persistent=True)
+        self.blocks = nn.ModuleList(SiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm) for _ in range(depth))
+        self.projectors = nn.ModuleList(build_projector(hidden_size, projector_dim, d) for d in encoder_dims)
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """SiT/DiT init: xavier Linear layers (projectors too, as REPA), N(0, 0.02) embeddings, adaLN-Zero."""
+
+        def _basic_init(module: nn.Module) -> None:
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+        self.apply(_basic_init)
+        w = self.x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # as a Linear over flattened patches
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for mod in [*self.blocks, self.final_layer]:
+            nn.init.zeros_(mod.adaLN_modulation[-1].weight)
+            nn.init.zeros_(mod.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        expected = (self.in_channels, self.input_size, self.input_size)
+        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
+            raise ValueError(f"SiT expects latents of shape (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
+
+    def _block(self, block: SiTBlock, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, x, c, use_reentrant=False)
+        return block(x, c)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """See the class docstring for shapes."""
+        self._check_input(x)
+        h = self.x_embedder(x) + self.pos_embed
+        c = self.t_embedder(t) + self.y_embedder(y)
+        zs = []
+        for i, block in enumerate(self.blocks):
+            h = self._block(block, h, c)
+            if i + 1 == self.repa_depth:
+                zs = [projector(h) for projector in self.projectors]
+        out = self.final_layer(h, c)
+        return unpatchify(out, self.patch_size, self.out_channels), zs
+
+
+def _check_config(
+    input_size: int,
+    patch_size: int,
+    hidden_size: int,
+    depth: int,
+    num_heads: int,
+    repa_depth: int,
+    encoder_dims: Sequence[int],
+) -> None:
+    """Raise ValueError naming the offending SiT arguments."""
+    if input_size % patch_size:
+        raise ValueError(f"SiT: input_size {input_size} is not divisible by patch_size {patch_size}")
+    if hidden_size % num_heads:
+        raise ValueError(f"SiT: hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+    if encoder_dims and not 1 <= repa_depth <= depth:
+        raise ValueError(f"SiT: repa_depth {repa_depth} must be in [1, depth={depth}] (1-indexed block)")
+
+
+_SIZES = {
+    "S": dict(depth=12, hidden_size=384, num_heads=6),
+    "B": dict(depth=12, hidden_size=768, num_heads=12),
+    "L": dict(depth=24, hidden_size=1024, num_heads=16),
+    "XL": dict(depth=28, hidden_size=1152, num_heads=16),
+}
+
+# Architecture only; input size, classes and REPA settings come from the run config.
+SIT_PRESETS: dict[str, dict] = {
+    **{f"{size}/{p}": {**arch, "patch_size": p} for size, arch in _SIZES.items() for p in (2, 4, 8)},
+    "tiny": dict(depth=4, hidden_size=64, num_heads=4, patch_size=2),  # CPU tests and debug runs
+}
+
+
+def build_model(preset: str, **overrides) -> SiT:
+    """SiT from a preset name in SIT_PRESETS ("XL/2", "tiny", ...); overrides are SiT keyword arguments."""
+    if preset not in SIT_PRESETS:
+        raise ValueError(f"unknown SiT preset {preset!r}; valid presets: {', '.join(SIT_PRESETS)}")
+    return SiT(**{**SIT_PRESETS[preset], **overrides})

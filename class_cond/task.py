@@ -1,0 +1,97 @@
+"""The class-conditional task: ImageNet latents (or a generated set) -> SiT/DiT with the class as condition."""
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from core.config import (ConfigError, ObjectiveConfig, RepaConfig, RunConfig, TrainConfig, check_choice,
+                         validate_common)
+from core.data import SkippingDataset
+from core.dist import DistContext, barrier
+from core.shards import ShardReader, read_manifest
+from core.trainer import DataInfo
+
+from class_cond.data import decode_class_cond, feature_key, make_synthetic_class_cond
+from class_cond.models import SIT_PRESETS, build_model
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "XL/2"  # SiT-{S,B,L,XL}/{2,4,8} or tiny (class_cond/models.py)
+    qk_norm: bool = False
+    grad_checkpointing: bool = False  # activation checkpointing of every block: less memory, ~30% more compute
+
+
+@dataclass
+class DataConfig:
+    kind: str = "shards"  # shards: a prepared dataset (data_prep.imagenet); synthetic: generated here
+    path: str = ""  # the prepared dataset directory; for synthetic, where to write it ("" = <run.dir>/data)
+    synthetic_samples: int = 1024
+    synthetic_classes: int = 4
+    synthetic_resolution: int = 32
+
+
+@dataclass
+class ClassCondConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    repa: RepaConfig = field(default_factory=RepaConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def validate(self) -> None:
+        validate_common(self)
+        check_choice("model.preset", self.model.preset, tuple(SIT_PRESETS))
+        check_choice("data.kind", self.data.kind, ("shards", "synthetic"))
+        if self.data.kind == "shards":
+            if not self.data.path:
+                raise ConfigError("data.path is empty: name the prepared dataset directory (data_prep output)")
+            if not os.path.isdir(self.data.path):
+                raise ConfigError(f"data.path: directory {self.data.path!r} does not exist")
+            try:
+                read_manifest(self.data.path)
+            except ValueError as err:
+                raise ConfigError(f"data.path: {err}") from None
+        if self.repa.coeff > 0 and not 1 <= self.repa.depth <= SIT_PRESETS[self.model.preset]["depth"]:
+            raise ConfigError(f"repa.depth={self.repa.depth} is outside the {self.model.preset} model's blocks "
+                              f"1..{SIT_PRESETS[self.model.preset]['depth']}")
+
+
+class ClassCondTask:
+    def __init__(self, cfg: ClassCondConfig):
+        self.cfg = cfg
+        self.num_classes = 0  # from the dataset's manifest
+
+    def prepare_data(self, ctx: DistContext) -> DataInfo:
+        d = self.cfg.data
+        if d.kind == "synthetic":
+            root = d.path or os.path.join(self.cfg.run.dir, "data")
+            if ctx.is_main and not os.path.isfile(os.path.join(root, "manifest.json")):
+                make_synthetic_class_cond(root, d.synthetic_samples, d.synthetic_classes, d.synthetic_resolution,
+                                          seed=self.cfg.run.seed)
+            barrier()
+        else:
+            root = d.path
+        info = DataInfo(root, read_manifest(root))
+        self.num_classes = int(info.manifest["num_classes"])
+        return info
+
+    def dataset(self, info: DataInfo, need_image: bool, feature_names: list[str]):
+        keys = tuple(feature_key(n) for n in feature_names)
+        return SkippingDataset(ShardReader(info.root), lambda raw: decode_class_cond(raw, need_image, keys))
+
+    def build_model(self, info: DataInfo, encoder_dims: list[int]) -> torch.nn.Module:
+        c, h, w = info.latent_shape
+        if h != w:
+            raise ConfigError(f"latents of {info.root} are {h}x{w}; the model needs square latents")
+        m = self.cfg.model
+        return build_model(m.preset, input_size=h, in_channels=c, num_classes=info.manifest["num_classes"],
+                           repa_depth=self.cfg.repa.depth, encoder_dims=tuple(encoder_dims),
+                           projector_dim=self.cfg.repa.projector_dim, qk_norm=m.qk_norm,
+                           grad_checkpointing=m.grad_checkpointing)
+
+    def condition(self, batch: dict, drop: torch.Tensor, device: torch.device) -> dict:
+        labels = batch["label"].to(device, non_blocking=True)
+        null = torch.full_like(labels, self.num_classes)  # the null class index for CFG (NOTES.md)
+        return {"y": torch.where(drop, null, labels)}

@@ -1,0 +1,191 @@
+"""Checkpoints of a run directory: written atomically, the last K kept, resumed by rerunning the same command.
+
+    run.dir/checkpoints/step_00001000/   DeepSpeed's model/optimizer files (one per ZeRO rank)
+                                         ema.safetensors  (full model, EMA weights, float32)
+                                         state.json       (step, config hash, counters, world size)
+                                         rng_rank{r}.json (Python, NumPy and torch RNG streams of rank r)
+                                         config.yaml      (the resolved config of the run)
+    run.dir/checkpoints/latest           the newest tag (DeepSpeed's convention)
+
+A checkpoint is staged in checkpoints/.staging/<tag> and renamed into place only when every rank has written its
+part, so a crash during a save leaves the previous checkpoint as the newest complete one. Every step_* directory
+is complete by construction.
+
+Trust: DeepSpeed's own files are pickles, so a run directory is trusted input (see the README); our files are
+safetensors and JSON.
+"""
+import base64
+import json
+import os
+import random
+import re
+import shutil
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from core.config import save_config
+from core.dist import barrier
+from core.shards import write_json_atomic
+
+TAG_RE = re.compile(r"^step_(\d{8,})$")
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def ckpt_root(run_dir: str) -> str:
+    return os.path.join(run_dir, "checkpoints")
+
+
+def list_checkpoints(run_dir: str) -> list[tuple[int, str]]:
+    """[(step, path)] of the complete checkpoints of a run, oldest first."""
+    root = ckpt_root(run_dir)
+    if not os.path.isdir(root):
+        return []
+    found = [(int(m.group(1)), os.path.join(root, name)) for name in os.listdir(root) if (m := TAG_RE.match(name))]
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: str) -> str | None:
+    ckpts = list_checkpoints(run_dir)
+    return ckpts[-1][1] if ckpts else None
+
+
+def read_state(ckpt_dir: str) -> dict:
+    with open(os.path.join(ckpt_dir, "state.json")) as f:
+        return json.load(f)
+
+
+# ---------------------------------------------------------------------------------------------------- RNG streams
+
+
+def _b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.cpu().numpy().tobytes()).decode()
+
+
+def _unb64(s: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8).clone()
+
+
+def rng_state() -> dict:
+    """Every global RNG stream of this process, JSON-serialisable."""
+    np_state = np.random.get_state()
+    state = {
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": _b64(torch.get_rng_state()),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = _b64(torch.cuda.get_rng_state())
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(_unb64(state["torch"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(_unb64(state["cuda"]))
+
+
+# ------------------------------------------------------------------------------------------------------ save/load
+
+
+def save_checkpoint(run_dir: str, engine, ema, state: dict, cfg, rank: int, keep_last: int) -> str:
+    """Write checkpoint `state["step"]` atomically; every rank must call this. Returns the checkpoint path."""
+    root = ckpt_root(run_dir)
+    staging = os.path.join(root, ".staging")
+    tag = tag_for(state["step"])
+    if rank == 0:
+        shutil.rmtree(staging, ignore_errors=True)  # leftovers of a save that crashed
+        os.makedirs(staging)
+    barrier()
+    engine.save_checkpoint(staging, tag=tag, save_latest=False)
+    part = os.path.join(staging, tag)
+    write_json_atomic(os.path.join(part, f"rng_rank{rank}.json"), rng_state())
+    ema_state = ema.state_dict(engine.module)  # collective under ZeRO-3: every rank takes part
+    if rank == 0:
+        save_file(ema_state, os.path.join(part, "ema.safetensors"), metadata={"step": str(state["step"])})
+        save_config(cfg, os.path.join(part, "config.yaml"))
+        write_json_atomic(os.path.join(part, "state.json"), state)  # written last: marks the part complete
+    barrier()
+    final = os.path.join(root, tag)
+    if rank == 0:
+        if os.path.exists(final):  # the same step saved again (e.g. a signal right after a periodic save)
+            shutil.rmtree(final)
+        os.replace(part, final)
+        _fsync_dir(root)
+        with open(os.path.join(root, "latest.tmp"), "w") as f:
+            f.write(tag)
+        os.replace(os.path.join(root, "latest.tmp"), os.path.join(root, "latest"))
+        shutil.rmtree(staging, ignore_errors=True)
+        for _, old in list_checkpoints(run_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return final
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(ckpt_dir: str, engine, ema, rank: int, world_size: int) -> dict:
+    """Restore model, optimizer, EMA and (same world size) this rank's RNG streams; returns state.json."""
+    state = read_state(ckpt_dir)
+    root, tag = os.path.split(ckpt_dir)
+    load_path, _ = engine.load_checkpoint(root, tag=tag)
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir}")
+    ema.load_state_dict(load_file(os.path.join(ckpt_dir, "ema.safetensors")))
+    rng_file = os.path.join(ckpt_dir, f"rng_rank{rank}.json")
+    if state.get("world_size") == world_size and os.path.isfile(rng_file):
+        with open(rng_file) as f:
+            set_rng_state(json.load(f))
+    return state
+
+
+# ---------------------------------------------------------------------------------------------------------- export
+
+
+def export_ema(run_dir: str, out_path: str, ckpt_dir: str | None = None) -> str:
+    """Copy the EMA weights of a run's newest (or given) checkpoint to `out_path` (safetensors) and write
+    `out_path` with .json: step and the resolved config, for eval. Returns out_path."""
+    import yaml
+
+    ckpt_dir = ckpt_dir or latest_checkpoint(run_dir)
+    if ckpt_dir is None:
+        raise FileNotFoundError(f"run directory {run_dir!r} has no complete checkpoint to export")
+    weights = load_file(os.path.join(ckpt_dir, "ema.safetensors"))
+    with open(os.path.join(ckpt_dir, "config.yaml")) as f:
+        config = yaml.safe_load(f)
+    state = read_state(ckpt_dir)
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    tmp = f"{out_path}.tmp{os.getpid()}"
+    save_file(weights, tmp, metadata={"step": str(state["step"]), "source": os.path.abspath(ckpt_dir)})
+    os.replace(tmp, out_path)
+    write_json_atomic(os.path.splitext(out_path)[0] + ".json", {"step": state["step"], "config": config})
+    return out_path
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(description="Export a run's EMA weights to one safetensors file for eval.")
+    p.add_argument("run_dir")
+    p.add_argument("--out", required=True, help="output .safetensors path (a .json with config and step is written beside)")
+    p.add_argument("--checkpoint", default=None, help="a step_* directory (default: the newest)")
+    args = p.parse_args(argv)
+    print(export_ema(args.run_dir, args.out, args.checkpoint))
+
+
+if __name__ == "__main__":
+    main()

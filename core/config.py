@@ -1,0 +1,296 @@
+"""Typed dataclass configs loaded from YAML with dot-list overrides (`train.lr=2e-4`).
+
+Every task (class-conditional, text-to-image) declares one top-level dataclass whose fields are section
+dataclasses. `load_config(cls, path, overrides)` reads the YAML, applies the overrides, checks names and types,
+and returns an instance; any problem is a `ConfigError` naming the key and listing the valid ones, raised before
+any model is built. `save_config` writes the fully resolved config back as YAML.
+"""
+import dataclasses
+import hashlib
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key, value or path that cannot be used; the message names the key."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sections shared by every task. Paper values (REPA, ICLR 2025) are the defaults; the section is cited once here.
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"  # checkpoints, logs and the resolved config go here; rerunning resumes from it
+    seed: int = 0
+    keep_last: int = 2  # checkpoints kept on disk (older ones are deleted after a newer one is complete)
+    allow_config_change: bool = False  # resume even if the config differs from the checkpoint's (hash check)
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 400_000  # Sec. 4.1: SiT-XL/2 + REPA at 400K iterations
+    global_batch: int = 256  # App. C: batch 256
+    micro_batch: int = 0  # per-rank micro-batch; 0 = global_batch / world_size (no gradient accumulation)
+    lr: float = 1e-4  # App. C: AdamW, constant lr 1e-4, betas (0.9, 0.999), no weight decay
+    beta1: float = 0.9
+    beta2: float = 0.999
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # App. C: max grad norm 1.0
+    ema_decay: float = 0.9999  # App. C: EMA 0.9999
+    cond_dropout: float = 0.1  # App. C: label (or caption) dropout 0.1 for classifier-free guidance
+    ds_config: str = "ds_configs/zero2.json"  # ZeRO stage, precision, offload; batch/clip/lr fields filled by code
+    ckpt_every: int = 10_000
+    log_every: int = 100
+    skip_nonfinite: bool = False  # skip a step whose loss is NaN/Inf instead of stopping the run
+    deterministic: bool = False  # torch deterministic algorithms (used by the bit-exact resume test)
+    num_workers: int = 4  # data-loader worker processes per rank
+    tensorboard: bool = True
+
+
+@dataclass
+class RepaConfig:
+    coeff: float = 0.5  # Sec. 4.1: lambda = 0.5; 0 trains the plain model (no projector, no encoder)
+    depth: int = 8  # Sec. 4.1 / Table 2: align after block 8 (1-indexed)
+    encoders: list[str] = field(default_factory=lambda: ["dinov2-b"])  # Sec. 4.1: DINOv2-B; NAME or NAME@path
+    projector_dim: int = 2048  # App. C: 3-layer MLP, width 2048
+    loss: str = "cosine"  # cosine (paper) or ntxent (Table 2 ablation)
+    ntxent_temperature: float = 0.1
+
+
+@dataclass
+class ObjectiveConfig:
+    kind: str = "transport"  # the flow-matching / stochastic-interpolant objective of SiT
+    path: str = "linear"  # Sec. 2: linear x_t = (1-t) x0 + t eps; or cosine
+    time_sampling: str = "uniform"  # uniform t, or lognormal (sigma = exp(N(0,1)), t = sigma / (1 + sigma))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading, overriding, validating
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Return `value` converted to the annotated type `tp`, or raise ConfigError naming `key`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if errors else f"{key}: cannot be {value!r}")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        if isinstance(value, str):  # `repa.encoders=dinov2-b` on the command line
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "2e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported config type {_type_name(tp)}")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    """Instantiate dataclass `cls` from a nested dict, checking every key against the fields."""
+    where = prefix.rstrip(".") or "the top level"
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        raise ConfigError(
+            f"unknown config key '{prefix}{unknown[0]}'; valid keys in {where}: {', '.join(sorted(fields))}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, tp, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any, cls: type) -> None:
+    """Set `a.b.c = value` in the nested dict `tree`, checking each name against the dataclass `cls`."""
+    parts = dotted.split(".")
+    node, node_cls = tree, cls
+    for depth, part in enumerate(parts):
+        fields = {f.name for f in dataclasses.fields(node_cls)}
+        if part not in fields:
+            where = ".".join(parts[:depth]) or "the top level"
+            raise ConfigError(
+                f"unknown config key '{dotted}'; valid keys in {where}: {', '.join(sorted(fields))}"
+            )
+        tp = typing.get_type_hints(node_cls)[part]
+        if depth == len(parts) - 1:
+            if dataclasses.is_dataclass(tp):
+                raise ConfigError(f"'{dotted}' is a section; set one of its keys, e.g. {dotted}.<key>=...")
+            node[part] = value
+            return
+        if not dataclasses.is_dataclass(tp):
+            raise ConfigError(f"'{'.'.join(parts[: depth + 1])}' is not a section, so '{dotted}' does not exist")
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node, node_cls = node[part], tp
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """Split `key=value` strings; values are parsed as YAML (numbers, booleans, lists like [a,b])."""
+    parsed = []
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        parsed.append((key.strip(), value))
+    return parsed
+
+
+def load_config(cls: type, path: str | None = None, overrides: list[str] | tuple = ()) -> Any:
+    """Read YAML `path` (optional), apply dot-list `overrides`, return a validated `cls` instance.
+
+    Raises ConfigError for a missing file, unknown key, wrong type, or a failed `validate()` of the config.
+    """
+    tree: dict = {}
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file {path!r} does not exist")
+        with open(path) as f:
+            loaded = yaml.safe_load(f)
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        tree = loaded or {}
+    for key, value in parse_overrides(list(overrides)):
+        _set_dotted(tree, key, value, cls)
+    cfg = _build(cls, tree, "")
+    if hasattr(cfg, "validate"):
+        cfg.validate()
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_hash(cfg: Any, ignore: tuple[str, ...] = ("run.dir", "train.max_steps", "train.ckpt_every",
+                                                       "train.log_every", "train.num_workers", "train.tensorboard",
+                                                       "run.keep_last", "run.allow_config_change")) -> str:
+    """Hash of the settings that change the training trajectory (bookkeeping keys such as run.dir ignored)."""
+    flat = {}
+
+    def walk(d: dict, prefix: str) -> None:
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            elif f"{prefix}{k}" not in ignore:
+                flat[f"{prefix}{k}"] = v
+
+    walk(to_dict(cfg), "")
+    return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def save_config(cfg: Any, path: str) -> None:
+    """Write the resolved config as YAML, atomically (a crash leaves the old file or the new one)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+    os.replace(tmp, path)
+
+
+def check_positive(**values: float) -> None:
+    """Raise ConfigError for the first `key=value` that is not > 0 (keys given with dots as '__')."""
+    for key, value in values.items():
+        if value <= 0:
+            raise ConfigError(f"{key.replace('__', '.')} must be > 0, got {value}")
+
+
+def check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}: {value!r} is not one of: {', '.join(choices)}")
+
+
+def validate_common(cfg: Any) -> None:
+    """Checks shared by every task's config: ranges and choices of the run/train/repa/objective sections."""
+    t, r = cfg.train, cfg.repa
+    check_positive(train__max_steps=t.max_steps, train__global_batch=t.global_batch, train__lr=t.lr,
+                   train__ckpt_every=t.ckpt_every, train__log_every=t.log_every, run__keep_last=cfg.run.keep_last)
+    if t.micro_batch < 0:
+        raise ConfigError(f"train.micro_batch must be >= 0 (0 = global_batch / world size), got {t.micro_batch}")
+    if not 0.0 <= t.cond_dropout < 1.0:
+        raise ConfigError(f"train.cond_dropout must be in [0, 1), got {t.cond_dropout}")
+    if not 0.0 <= t.ema_decay < 1.0:
+        raise ConfigError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
+    if t.num_workers < 0:
+        raise ConfigError(f"train.num_workers must be >= 0, got {t.num_workers}")
+    if not os.path.isfile(t.ds_config):
+        raise ConfigError(f"train.ds_config: file {t.ds_config!r} does not exist")
+    if r.coeff < 0:
+        raise ConfigError(f"repa.coeff must be >= 0, got {r.coeff}")
+    if r.coeff > 0:
+        if not r.encoders:
+            raise ConfigError("repa.encoders is empty but repa.coeff > 0; name at least one encoder")
+        if r.depth < 1:
+            raise ConfigError(f"repa.depth must be >= 1 (1-indexed block), got {r.depth}")
+        from core.encoders import parse_encoder_spec
+
+        for i, spec in enumerate(r.encoders):
+            try:
+                parse_encoder_spec(spec)
+            except ValueError as err:
+                raise ConfigError(f"repa.encoders[{i}]: {err}") from None
+    check_choice("repa.loss", r.loss, ("cosine", "ntxent"))
+    check_choice("objective.kind", cfg.objective.kind, ("transport",))
+    check_choice("objective.path", cfg.objective.path, ("linear", "cosine"))
+    check_choice("objective.time_sampling", cfg.objective.time_sampling, ("uniform", "lognormal"))

@@ -1,0 +1,82 @@
+"""Deterministic, resumable data loading: the sample order is a pure function of (seed, step, rank).
+
+Position p of the global stream is sample perm_e[p mod n] with e = p // n and perm_e a seeded permutation, so
+global step s reads positions [s * global_batch, (s + 1) * global_batch), rank r its contiguous share. Resuming at
+step s needs nothing but s. Corrupt samples are replaced by the next readable index and counted.
+"""
+import logging
+from typing import Callable
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+
+log = logging.getLogger(__name__)
+
+# Errors that mean "this sample is unreadable" (truncated PNG, bad .npy, missing member), not a bug in our code.
+SAMPLE_ERRORS = (ValueError, KeyError, OSError, EOFError, IndexError)
+
+
+class StepSampler(Sampler[int]):
+    """Infinite index stream for one rank, starting at global step `start_step`."""
+
+    def __init__(self, num_samples: int, global_batch: int, world_size: int, rank: int, seed: int, start_step: int = 0):
+        if global_batch % world_size:
+            raise ValueError(f"global batch {global_batch} is not divisible by world size {world_size}")
+        self.n, self.global_batch, self.rank, self.seed = num_samples, global_batch, rank, seed
+        self.per_rank = global_batch // world_size
+        self.start_step = start_step
+        self._epoch, self._perm = -1, None
+
+    def index_at(self, position: int) -> int:
+        epoch = position // self.n
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g)
+        return int(self._perm[position % self.n])
+
+    def __iter__(self):
+        step = self.start_step
+        while True:
+            base = step * self.global_batch + self.rank * self.per_rank
+            for j in range(self.per_rank):
+                yield self.index_at(base + j)
+            step += 1
+
+
+class SkippingDataset(Dataset):
+    """Wraps a random-access `source` and a `decode(raw) -> dict` function; an unreadable sample is replaced by
+    the next index (deterministically) and the sample carries `skipped` = how many were passed over."""
+
+    def __init__(self, source, decode: Callable[[dict], dict], max_consecutive: int = 64):
+        self.source, self.decode, self.max_consecutive = source, decode, max_consecutive
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict:
+        n = len(self.source)
+        for k in range(min(self.max_consecutive, n)):
+            j = (index + k) % n
+            try:
+                sample = self.decode(self.source[j])
+            except SAMPLE_ERRORS as err:
+                log.warning("skipping corrupt sample %d: %s: %s", j, type(err).__name__, err)
+                continue
+            sample["skipped"] = k
+            return sample
+        raise RuntimeError(f"{self.max_consecutive} consecutive samples from index {index} could not be read")
+
+
+def collate(samples: list[dict]) -> dict:
+    batch = default_collate(samples)
+    batch["skipped"] = int(batch["skipped"].sum())
+    return batch
+
+
+def make_loader(dataset: Dataset, sampler: StepSampler, micro_batch: int, num_workers: int,
+                pin_memory: bool = False) -> DataLoader:
+    """Data loader over `sampler`'s infinite stream in micro-batches."""
+    return DataLoader(
+        dataset, batch_size=micro_batch, sampler=sampler, num_workers=num_workers, collate_fn=collate,
+        pin_memory=pin_memory, persistent_workers=False, prefetch_factor=4 if num_workers > 0 else None,
+    )

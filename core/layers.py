@@ -1,0 +1,163 @@
+"""Transformer building blocks shared by the SiT/DiT backbone and the MMDiT.
+
+Module and parameter names follow timm and facebookresearch/DiT so that reference checkpoints load unchanged.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN modulation. x: (B, N, D) tokens; shift, scale: (B, D). Returns (B, N, D)."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000) -> torch.Tensor:
+    """DiT's sinusoidal embedding of scalar times. t: (B,) float. Returns (B, dim) float32, [cos | sin] halves."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t[:, None].float() * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+class TimestepEmbedder(nn.Module):
+    """Time t (B,) -> (B, hidden_size): sinusoidal features, then a 2-layer MLP. t is used as given (SiT: [0, 1])."""
+
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
+        super().__init__()
+        self.frequency_embedding_size = frequency_embedding_size
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size),
+        )
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        # The features are float32; cast so a bf16/fp16 model gets its own dtype.
+        t_freq = timestep_embedding(t, self.frequency_embedding_size).to(self.mlp[0].weight.dtype)
+        return self.mlp(t_freq)
+
+
+class LabelEmbedder(nn.Module):
+    """Class label y (B,) long -> (B, hidden_size). Label `num_classes` is the null class used for CFG.
+
+    No label dropout here: the training task replaces labels by the null class with its own RNG.
+    """
+
+    def __init__(self, num_classes: int, hidden_size: int):
+        super().__init__()
+        self.num_classes = num_classes
+        self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        if ((y < 0) | (y > self.num_classes)).any():
+            bad = y[(y < 0) | (y > self.num_classes)].unique().tolist()
+            raise ValueError(
+                f"class labels {bad} out of range [0, {self.num_classes}] "
+                f"({self.num_classes} classes, label {self.num_classes} is the null class)"
+            )
+        return self.embedding_table(y)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Softmax attention via SDPA. q: (B, heads, Nq, head_dim); k, v: (B, heads, Nk, head_dim) -> like q."""
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention, timm parameter names (qkv, q_norm, k_norm, proj). x: (B, N, dim) -> (B, N, dim)."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, qk_norm: bool = False):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"Attention: dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.q_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, D = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        x = attention(self.q_norm(q), self.k_norm(k), v)
+        return self.proj(x.transpose(1, 2).reshape(B, N, D))
+
+
+class Mlp(nn.Module):
+    """Two-layer MLP with tanh-GELU, timm key names (fc1, fc2). x: (..., in_features) -> (..., in_features)."""
+
+    def __init__(self, in_features: int, hidden_features: int):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden_features, in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping p x p patches -> tokens. x: (B, C, H, W) -> (B, (H/p)*(W/p), embed_dim), row-major as timm."""
+
+    def __init__(self, input_size: int, patch_size: int, in_channels: int, embed_dim: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.num_patches = (input_size // patch_size) ** 2
+        self.proj = nn.Conv2d(in_channels, embed_dim, kernel_size=patch_size, stride=patch_size, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+def _sincos_1d(embed_dim: int, pos: torch.Tensor) -> torch.Tensor:
+    """pos: (M,) float64 -> (M, embed_dim) as [sin | cos] halves (MAE)."""
+    omega = 1.0 / 10000 ** (torch.arange(embed_dim // 2, dtype=torch.float64) / (embed_dim / 2))
+    out = pos[:, None] * omega[None]
+    return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
+
+
+def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> torch.Tensor:
+    """Fixed 2-D sin-cos position embedding of MAE/DiT. Returns (grid_size**2, embed_dim) float32, row-major tokens.
+
+    Computed in float64 like DiT's numpy version; as there, the first half encodes the column (w) coordinate and
+    the second half the row (h) coordinate (numpy meshgrid's 'xy' order).
+    """
+    if embed_dim % 4:
+        raise ValueError(f"2-D sin-cos position embedding needs embed_dim divisible by 4, got {embed_dim}")
+    idx = torch.arange(grid_size * grid_size)
+    col, row = (idx % grid_size).double(), (idx // grid_size).double()
+    return torch.cat([_sincos_1d(embed_dim // 2, col), _sincos_1d(embed_dim // 2, row)], dim=1).float()
+
+
+class FinalLayer(nn.Module):
+    """adaLN-modulated norm + linear head. x: (B, N, hidden), c: (B, hidden) -> (B, N, patch_size**2 * out_channels)."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+def unpatchify(x: torch.Tensor, patch_size: int, channels: int) -> torch.Tensor:
+    """Inverse of DiT's patchify. x: (B, N, p*p*C) with N = h*w square, row-major -> (B, C, h*p, w*p)."""
+    B, N, _ = x.shape
+    h = math.isqrt(N)
+    if h * h != N:
+        raise ValueError(f"unpatchify expects a square token grid, got {N} tokens")
+    p = patch_size
+    x = x.reshape(B, h, h, p, p, channels)
+    x = torch.einsum("nhwpqc->nchpwq", x)
+    return x.reshape(B, channels, h * p, h * p)

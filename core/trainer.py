@@ -1,0 +1,276 @@
+"""The one training loop: DeepSpeed engine, REPA, EMA, checkpoints, signals, logging.
+
+A task (class-conditional, text-to-image) is a small object that prepares its dataset, builds its model and turns
+a batch into the model's condition; everything else lives here once. The loop:
+
+    x0    = latents drawn from the stored VAE moments            (core.latents)
+    cond  = task.condition(batch, drop)  with CFG dropout         (null class / empty caption)
+    loss  = objective(model, x0, cond) + repa.coeff * REPA(zs, encoder tokens of the clean image)
+
+All randomness of a step comes from a generator seeded by (run.seed, step, rank, micro-batch), and the data order is
+a function of (run.seed, step), so a resumed run replays exactly what an uninterrupted one would have done.
+"""
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from core import checkpoint as ckpt
+from core.config import ConfigError, config_hash, save_config
+from core.data import StepSampler, make_loader
+from core.dist import DistContext, any_rank, barrier, mean_over_ranks, setup_distributed, sum_over_ranks
+from core.ema import EMA
+from core.engine import batch_layout, build_ds_config, create_engine
+from core.latents import sample_latents
+from core.logging import MetricsLogger
+from core.repa import repa_loss
+from core.transport import build_objective
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a checkpoint was written on a signal; rerun (or requeue) to continue
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+@dataclass
+class DataInfo:
+    """What the trainer needs to know of a prepared dataset (from its manifest)."""
+
+    root: str
+    manifest: dict
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return tuple(self.manifest["latent"]["shape"])
+
+    @property
+    def scale(self) -> float:
+        return float(self.manifest["latent"]["scale_factor"])
+
+    @property
+    def shift(self) -> float:
+        return float(self.manifest["latent"].get("shift", 0.0))
+
+    @property
+    def resolution(self) -> int:
+        return int(self.manifest["resolution"])
+
+    def has_features(self, names: list[str]) -> bool:
+        return bool(names) and all(n in self.manifest.get("features", []) for n in names)
+
+
+class Task(Protocol):
+    """What a task supplies to the trainer."""
+
+    def prepare_data(self, ctx: DistContext) -> DataInfo:
+        """Locate (or generate, on rank 0) the dataset and read its manifest; raise a clear error if unusable."""
+
+    def dataset(self, info: DataInfo, need_image: bool, feature_names: list[str]):
+        """A map-style dataset of dicts with "moments", the condition's fields, and "image" or "feats"."""
+
+    def build_model(self, info: DataInfo, encoder_dims: list[int]) -> torch.nn.Module:
+        """The model; forward(x, t, **condition) -> (output, [projected tokens per encoder])."""
+
+    def condition(self, batch: dict, drop: torch.Tensor, device: torch.device) -> dict:
+        """Model keyword arguments for `batch`, with the null condition where `drop` (B,) is True."""
+
+
+def step_generator(seed: int, step: int, rank: int, micro: int, device: torch.device) -> torch.Generator:
+    """The generator for all random draws of one micro-batch: a pure function of its coordinates."""
+    s = int(np.random.SeedSequence([seed, step, rank, micro]).generate_state(1, np.uint64)[0] >> 1)
+    return torch.Generator(device=device).manual_seed(s)
+
+
+class SignalFlag:
+    """Set by SIGUSR1/SIGTERM (Slurm preemption, time limit); the loop checkpoints and exits at the next step."""
+
+    def __init__(self):
+        self.received: int | None = None
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received = signum
+
+
+def _split_names(specs: list[str]) -> list[str]:
+    return [s.split("@", 1)[0] for s in specs]
+
+
+def train(cfg, task: Task) -> int:
+    """Run (or resume) training as configured; returns the process exit code (0 done, 75 preempted)."""
+    ctx = setup_distributed()
+    run_dir = cfg.run.dir
+    # Configuration errors come before anything expensive: batch layout, resume compatibility, the dataset.
+    ds_config = build_ds_config(cfg.train, ctx.world_size)
+    micro, accum = batch_layout(cfg.train.global_batch, cfg.train.micro_batch, ctx.world_size)
+    if cfg.train.skip_nonfinite and accum > 1:
+        raise ConfigError("train.skip_nonfinite needs one micro-batch per step (train.micro_batch = global_batch / "
+                          f"world size); this run accumulates {accum} micro-batches")
+    resume_from = ckpt.latest_checkpoint(run_dir)
+    if resume_from is not None:
+        saved_hash = ckpt.read_state(resume_from).get("config_hash")
+        if saved_hash != config_hash(cfg) and not cfg.run.allow_config_change:
+            raise ConfigError(
+                f"{run_dir} holds a checkpoint of a run with a different config (hash {saved_hash} vs "
+                f"{config_hash(cfg)}; compare {resume_from}/config.yaml). Use another run.dir, or set "
+                "run.allow_config_change=true to resume anyway"
+            )
+    if ctx.is_main:
+        os.makedirs(run_dir, exist_ok=True)
+        save_config(cfg, os.path.join(run_dir, "config.yaml"))
+    barrier()
+    info = task.prepare_data(ctx)
+
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True)
+    use_repa = cfg.repa.coeff > 0
+    enc_names = _split_names(cfg.repa.encoders) if use_repa else []
+    use_feats = info.has_features(enc_names)
+    encoders = []
+    if use_repa and not use_feats:
+        from core.encoders import load_encoders
+
+        encoders = load_encoders(cfg.repa.encoders, info.resolution, device=ctx.device)
+        enc_dims = [e.embed_dim for e in encoders]
+    else:
+        from core.encoders import encoder_dim
+
+        enc_dims = [encoder_dim(s) for s in cfg.repa.encoders] if use_repa else []
+
+    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+    model = task.build_model(info, enc_dims)
+    engine = create_engine(model, cfg.train, ds_config, ctx.device)
+    ema = EMA(engine.module, cfg.train.ema_decay)
+    objective = build_objective(cfg.objective)
+    torch.manual_seed(cfg.run.seed * 7919 + ctx.rank)
+
+    state = {"step": 0, "skipped_steps": 0, "corrupt_samples": 0, "config_hash": config_hash(cfg),
+             "world_size": ctx.world_size}
+    if resume_from is not None:
+        state.update(ckpt.load_checkpoint(resume_from, engine, ema, ctx.rank, ctx.world_size))
+        state.update(config_hash=config_hash(cfg), world_size=ctx.world_size)
+        if ctx.is_main:
+            tqdm.write(f"resumed from {resume_from} at step {state['step']}")
+
+    dataset = task.dataset(info, need_image=use_repa and not use_feats, feature_names=enc_names if use_feats else [])
+    sampler = StepSampler(len(dataset), cfg.train.global_batch, ctx.world_size, ctx.rank, cfg.run.seed, state["step"])
+    loader = iter(make_loader(dataset, sampler, micro, cfg.train.num_workers, pin_memory=ctx.device.type == "cuda"))
+
+    logger = MetricsLogger(run_dir, ctx.is_main, cfg.train.tensorboard)
+    signals = SignalFlag()
+    window = {"loss": [], "denoise_loss": [], "repa_loss": []}
+    t_window, window_steps = time.perf_counter(), 0
+    bar = tqdm(total=cfg.train.max_steps, initial=state["step"], disable=not ctx.is_main, desc="train",
+               dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 30.0)
+
+    corrupt_local = 0  # corrupt samples this rank passed over since the counters were last summed
+
+    def sum_counters() -> None:
+        nonlocal corrupt_local
+        state["corrupt_samples"] += sum_over_ranks(corrupt_local, ctx.device)
+        corrupt_local = 0
+
+    def save() -> str:
+        sum_counters()
+        return ckpt.save_checkpoint(run_dir, engine, ema, dict(state), cfg, ctx.rank, cfg.run.keep_last)
+
+    exit_code = 0
+    try:
+        while state["step"] < cfg.train.max_steps:
+            step = state["step"]
+            engine.train()
+            skipped_step = False
+            for m in range(accum):
+                batch = next(loader)
+                corrupt_local += batch["skipped"]
+                g = step_generator(cfg.run.seed, step, ctx.rank, m, ctx.device)
+                loss, denoise, repa = _micro_loss(cfg, task, engine, objective, encoders, info, batch, g, ctx.device)
+                if any_rank(not torch.isfinite(loss).item(), ctx.device):
+                    if not cfg.train.skip_nonfinite:
+                        last = ckpt.latest_checkpoint(run_dir)
+                        raise NonFiniteLossError(
+                            f"non-finite loss at step {step} (micro-batch {m}); stopping. The newest checkpoint "
+                            f"{last or '(none yet)'} is intact. Set train.skip_nonfinite=true to skip such steps."
+                        )
+                    skipped_step = True
+                    break
+                engine.backward(loss)
+                engine.step()
+                window["loss"].append(loss.item())
+                window["denoise_loss"].append(denoise.item())
+                window["repa_loss"].append(repa.item())
+            if skipped_step:
+                state["skipped_steps"] += 1
+                if ctx.is_main:
+                    tqdm.write(f"step {step}: non-finite loss, step skipped ({state['skipped_steps']} so far)")
+            else:
+                ema.update(engine.module)
+            state["step"] = step + 1
+            window_steps += 1
+            bar.update(1)
+            done = state["step"] >= cfg.train.max_steps
+            if state["step"] % cfg.train.log_every == 0 or done:
+                sum_counters()
+                _log(logger, engine, window, state, cfg, ctx, window_steps, time.perf_counter() - t_window, bar)
+                window = {k: [] for k in window}
+                t_window, window_steps = time.perf_counter(), 0
+            preempted = any_rank(signals.received is not None, ctx.device)
+            if state["step"] % cfg.train.ckpt_every == 0 or done or preempted:
+                t0 = time.perf_counter()
+                path = save()
+                if ctx.is_main:
+                    tqdm.write(f"checkpoint {path} written in {time.perf_counter() - t0:.2f} s")
+                t_window += time.perf_counter() - t0  # saving time is not training throughput
+            if preempted and not done:
+                if ctx.is_main:
+                    tqdm.write(f"signal received: checkpoint at step {state['step']} written, exiting to be resumed")
+                exit_code = EXIT_PREEMPTED
+                break
+    finally:
+        bar.close()
+        logger.close()
+    if exit_code == 0 and ctx.is_main:
+        out = ckpt.export_ema(run_dir, os.path.join(run_dir, "export", "ema.safetensors"))
+        tqdm.write(f"training done at step {state['step']}; EMA weights exported to {out}")
+    barrier()
+    return exit_code
+
+
+def _micro_loss(cfg, task, engine, objective, encoders, info, batch, g, device):
+    """(total, denoising, REPA) losses of one micro-batch; REPA is 0 when repa.coeff = 0."""
+    moments = batch["moments"].to(device, non_blocking=True)
+    x0 = sample_latents(moments, g, info.scale, info.shift)
+    drop = torch.rand(x0.shape[0], generator=g, device=device) < cfg.train.cond_dropout
+    cond = task.condition(batch, drop, device)
+    denoise, zs = objective.loss(engine, x0, cond, g)
+    denoise = denoise.mean()
+    if cfg.repa.coeff > 0:
+        if encoders:
+            images = batch["image"].to(device, non_blocking=True)
+            targets = [enc(images) for enc in encoders]
+        else:
+            targets = [f.to(device, non_blocking=True) for f in batch["feats"]]
+        repa = repa_loss(zs, targets, cfg.repa.loss, cfg.repa.ntxent_temperature)
+    else:
+        repa = torch.zeros((), device=device)
+    return denoise + cfg.repa.coeff * repa, denoise.detach(), repa.detach()
+
+
+def _log(logger, engine, window, state, cfg, ctx, steps, seconds, bar):
+    means = mean_over_ranks([float(np.mean(v)) if v else float("nan") for v in window.values()], ctx.device)
+    grad_norm = engine.get_global_grad_norm()
+    record = {"step": state["step"], **dict(zip(window, means)),
+              "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+              "lr": float(engine.get_lr()[0]),
+              "img_per_s": steps * cfg.train.global_batch / ctx.world_size / max(seconds, 1e-9),
+              "skipped_steps": state["skipped_steps"], "corrupt_samples": state["corrupt_samples"]}
+    logger.log(record)
+    bar.set_postfix(loss=f"{record['loss']:.4f}", repa=f"{record['repa_loss']:.3f}")

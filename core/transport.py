@@ -1,0 +1,68 @@
+"""Stochastic-interpolant transport (SiT): x_t = alpha_t x0 + sigma_t eps, v-prediction, time sampling.
+
+Conventions of the REPA paper and its reference implementation: t = 0 is data, t = 1 is noise; the linear path is
+x_t = (1 - t) x0 + t eps with target velocity v = eps - x0; t is fed raw (0..1) to the model.
+"""
+import math
+
+import torch
+
+
+class Transport:
+    """The SiT training objective: one swappable piece of the trainer (DiT's DDPM objective is another).
+
+    An objective turns clean latents x0 (B, C, H, W) and the model's condition into a per-sample denoising loss
+    and the model's projected REPA tokens.
+    """
+
+    learn_sigma = False  # SiT predicts velocity only: the model's output has the latent's channel count
+
+    def __init__(self, path: str = "linear", time_sampling: str = "uniform"):
+        if path not in ("linear", "cosine"):
+            raise ValueError(f"transport path {path!r} is not one of: linear, cosine")
+        if time_sampling not in ("uniform", "lognormal"):
+            raise ValueError(f"time sampling {time_sampling!r} is not one of: uniform, lognormal")
+        self.path = path
+        self.time_sampling = time_sampling
+
+    def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Coefficients (alpha_t, sigma_t, d alpha/dt, d sigma/dt) for t of any shape."""
+        if self.path == "linear":
+            return 1 - t, t, -torch.ones_like(t), torch.ones_like(t)
+        half_pi = math.pi / 2
+        return (torch.cos(half_pi * t), torch.sin(half_pi * t),
+                -half_pi * torch.sin(half_pi * t), half_pi * torch.cos(half_pi * t))
+
+    def sample_t(self, n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+        """(n,) float32 times in [0, 1]: uniform, or lognormal (sigma/alpha = exp(N(0, 1)))."""
+        if self.time_sampling == "uniform":
+            return torch.rand(n, generator=generator, device=device)
+        ratio = torch.randn(n, generator=generator, device=device).exp()  # sigma_t / alpha_t
+        if self.path == "linear":
+            return ratio / (1 + ratio)
+        return torch.atan(ratio) / (math.pi / 2)
+
+    def interpolate(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x_t and the target velocity d x_t / dt for x0, eps (B, ...) and t (B,)."""
+        shape = (-1,) + (1,) * (x0.dim() - 1)
+        alpha, sigma, d_alpha, d_sigma = (c.view(shape) for c in self.alpha_sigma(t))
+        return alpha * x0 + sigma * eps, d_alpha * x0 + d_sigma * eps
+
+    def loss(self, model, x0: torch.Tensor, cond: dict, generator: torch.Generator):
+        """Per-sample velocity MSE (B,) float32 and the model's projected tokens.
+
+        model(x_t, t, **cond) -> (velocity, zs); x0: (B, C, H, W) scaled latents; generator draws t and eps.
+        """
+        t = self.sample_t(x0.shape[0], generator, x0.device)
+        eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        x_t, target = self.interpolate(x0, eps, t)
+        pred, zs = model(x_t, t, **cond)
+        mse = (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+        return mse, zs
+
+
+def build_objective(cfg) -> Transport:
+    """The objective named by an ObjectiveConfig (`objective.kind`)."""
+    if cfg.kind == "transport":
+        return Transport(cfg.path, cfg.time_sampling)
+    raise ValueError(f"objective.kind {cfg.kind!r} is not one of: transport")
