@@ -135,6 +135,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported config type {_type_name(tp)}")
 
 
+def _unknown_key(dotted: str, name: str, where: str, valid) -> ConfigError:
+    """The error for an unknown key: names it, lists the valid keys of its section, suggests the closest."""
+    import difflib
+
+    close = difflib.get_close_matches(name, list(valid), n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ConfigError(f"unknown config key '{dotted}'{hint}; valid keys in {where}: {', '.join(sorted(valid))}")
+
+
 def _build(cls: type, data: Any, prefix: str) -> Any:
     """Instantiate dataclass `cls` from a nested dict, checking every key against the fields."""
     where = prefix.rstrip(".") or "the top level"
@@ -146,9 +155,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = [k for k in data if k not in fields]
     if unknown:
-        raise ConfigError(
-            f"unknown config key '{prefix}{unknown[0]}'; valid keys in {where}: {', '.join(sorted(fields))}"
-        )
+        raise _unknown_key(f"{prefix}{unknown[0]}", unknown[0], where, fields)
     kwargs = {}
     for name, value in data.items():
         tp = hints[name]
@@ -166,10 +173,7 @@ def _set_dotted(tree: dict, dotted: str, value: Any, cls: type) -> None:
     for depth, part in enumerate(parts):
         fields = {f.name for f in dataclasses.fields(node_cls)}
         if part not in fields:
-            where = ".".join(parts[:depth]) or "the top level"
-            raise ConfigError(
-                f"unknown config key '{dotted}'; valid keys in {where}: {', '.join(sorted(fields))}"
-            )
+            raise _unknown_key(dotted, part, ".".join(parts[:depth]) or "the top level", fields)
         tp = typing.get_type_hints(node_cls)[part]
         if depth == len(parts) - 1:
             if dataclasses.is_dataclass(tp):

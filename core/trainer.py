@@ -104,6 +104,12 @@ def _split_names(specs: list[str]) -> list[str]:
     return [s.split("@", 1)[0] for s in specs]
 
 
+def apply_optimizer_settings(engine, train_cfg) -> None:
+    """Set lr, betas and weight decay of every param group from the config."""
+    for group in engine.optimizer.param_groups:
+        group.update(lr=train_cfg.lr, betas=(train_cfg.beta1, train_cfg.beta2), weight_decay=train_cfg.weight_decay)
+
+
 def train(cfg, task: Task) -> int:
     """Run (or resume) training as configured; returns the process exit code (0 done, 75 preempted)."""
     ctx = setup_distributed()
@@ -157,6 +163,7 @@ def train(cfg, task: Task) -> int:
     if resume_from is not None:
         state.update(ckpt.load_checkpoint(resume_from, engine, ema, ctx.rank, ctx.world_size))
         state.update(config_hash=config_hash(cfg), world_size=ctx.world_size)
+        apply_optimizer_settings(engine, cfg.train)  # the optimizer state restores the saved lr/betas otherwise
         if ctx.is_main:
             tqdm.write(f"resumed from {resume_from} at step {state['step']}")
 

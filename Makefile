@@ -1,0 +1,27 @@
+# make test : create/refresh .venv (pinned CPU torch first, then the project) and run the test suite
+# make demo : the small end-to-end run on CPU (see README)
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+export DS_ACCELERATOR ?= cpu
+
+.PHONY: test demo venv clean
+
+venv: $(VENV)/.installed
+
+# Torch first, from the constraints file: a bare torch requirement would pull the CUDA build (several GB).
+$(VENV)/.installed: constraints.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt torch torchvision
+	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
+	touch $@
+
+test: venv
+	$(PY) -m pytest -q
+
+demo: venv
+	$(PY) -m class_cond.train --config configs/debug/class_cond_tiny.yaml run.dir=outputs/demo_class_cond
+
+clean:
+	rm -rf $(VENV) runs outputs

@@ -1,0 +1,61 @@
+"""Shared test helpers: run the real training entry points as subprocesses on CPU."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+import core  # noqa: F401  (applies the torchvision import fix before any test imports torchvision users)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.dirname(sys.executable)
+TINY = os.path.join(REPO, "configs", "debug", "class_cond_tiny.yaml")
+
+
+def cpu_env(**extra) -> dict:
+    env = dict(os.environ)
+    env.update(DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(os.path.expanduser("~"), ".cache", "torch_extensions"))
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    env.update(extra)
+    return env
+
+
+def launch_cmd(launcher: str, script: str, ranks: int) -> list[str]:
+    """The command prefix of one of the three launch forms the README documents."""
+    if launcher == "python":
+        module = os.path.relpath(script, REPO)[:-3].replace(os.sep, ".")
+        return [sys.executable, "-m", module]
+    if launcher == "deepspeed":
+        return [os.path.join(BIN, "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port()), script]
+    if launcher == "torchrun":
+        return [os.path.join(BIN, "torchrun"), "--nproc_per_node", str(ranks), "--master_port", str(free_port()),
+                script]
+    raise ValueError(launcher)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_train(args: list[str], launcher: str = "python", ranks: int = 1, script: str = "class_cond/train.py",
+              timeout: int = 300, check: bool = True, **popen) -> subprocess.CompletedProcess:
+    cmd = launch_cmd(launcher, os.path.join(REPO, script), ranks) + args
+    proc = subprocess.run(cmd, cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=timeout, **popen)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+@pytest.fixture
+def tiny_args(tmp_path):
+    """Arguments for a short tiny run in a temporary run directory (shared generated data)."""
+    def make(*overrides: str, run_dir=None) -> list[str]:
+        return ["--config", TINY, f"run.dir={run_dir or tmp_path / 'run'}", "train.num_workers=0",
+                "data.synthetic_samples=256", "train.tensorboard=false", *overrides]
+    return make

@@ -1,0 +1,131 @@
+"""End-to-end training on CPU through the real launchers: learning, ZeRO stages, resume, signals, faults."""
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, cpu_env, launch_cmd, run_train
+from core.checkpoint import list_checkpoints
+from core.logging import JSONL_KEYS, read_metrics
+
+
+def _losses(run_dir):
+    return [r["loss"] for r in read_metrics(run_dir)]
+
+
+@pytest.mark.parametrize("launcher,zero", [("deepspeed", "zero2_fp32"), ("torchrun", "zero3_fp32")])
+def test_two_rank_training_learns(tmp_path, tiny_args, launcher, zero):
+    run = tmp_path / "run"
+    run_train(tiny_args(f"train.ds_config=ds_configs/{zero}.json", "train.max_steps=60", "train.log_every=10",
+                        "train.ckpt_every=30"), launcher=launcher, ranks=2)
+    records = read_metrics(run)
+    assert [r["step"] for r in records] == [10, 20, 30, 40, 50, 60]
+    assert set(JSONL_KEYS) <= set(records[0])
+    first, last = records[0], records[-1]
+    assert last["denoise_loss"] < first["denoise_loss"] - 0.1, records  # learns the class-conditional data
+    assert last["repa_loss"] < first["repa_loss"] - 0.2, records  # projector aligns with the (random) encoder
+    assert all(r["img_per_s"] > 0 and r["lr"] == pytest.approx(1e-3) for r in records)
+    assert [s for s, _ in list_checkpoints(run)] == [30, 60]
+    state = json.load(open(run / "checkpoints" / "step_00000060" / "state.json"))
+    assert state["world_size"] == 2 and state["step"] == 60
+    assert os.path.isfile(run / "checkpoints" / "step_00000060" / "rng_rank1.json")
+    ema = load_file(run / "export" / "ema.safetensors")
+    assert "pos_embed" in ema and "projectors.0.0.weight" in ema
+
+
+def _model_weights(ckpt_dir):
+    files = [f for f in os.listdir(ckpt_dir) if f.endswith("model_states.pt")]
+    return torch.load(os.path.join(ckpt_dir, sorted(files)[0]), map_location="cpu", weights_only=False)["module"]
+
+
+def test_sigkill_and_rerun_is_bit_identical(tmp_path, tiny_args):
+    """A run SIGKILLed mid-way and rerun with the same command ends with the same bits as an uninterrupted one."""
+    common = ("train.ds_config=ds_configs/zero2_fp32.json", "train.max_steps=40", "train.ckpt_every=10",
+              "train.log_every=5", "train.deterministic=true", "train.num_workers=1")
+    straight = tmp_path / "straight"
+    run_train(tiny_args(*common, run_dir=straight), launcher="torchrun", ranks=2)
+
+    killed = tmp_path / "killed"
+    args = tiny_args(*common, run_dir=killed)
+    cmd = launch_cmd("torchrun", os.path.join(REPO, "class_cond/train.py"), 2) + args
+    proc = subprocess.Popen(cmd, cwd=REPO, env=cpu_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 240
+    while not any(s >= 20 for s, _ in list_checkpoints(killed)):
+        assert proc.poll() is None and time.time() < deadline, "run ended before it could be killed"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    stopped_at = max(s for s, _ in list_checkpoints(killed))
+    assert 20 <= stopped_at < 40
+    out = run_train(args, launcher="torchrun", ranks=2)
+    assert f"at step {stopped_at}" in out.stdout + out.stderr
+
+    a, b = straight / "checkpoints" / "step_00000040", killed / "checkpoints" / "step_00000040"
+    for name, wa in _model_weights(a).items():
+        assert torch.equal(wa, _model_weights(b)[name]), name
+    ema_a, ema_b = load_file(a / "ema.safetensors"), load_file(b / "ema.safetensors")
+    assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
+    # the resumed run logged the same losses as the uninterrupted one from where it picked up
+    la = {r["step"]: r["loss"] for r in read_metrics(straight)}
+    lb = {r["step"]: r["loss"] for r in read_metrics(killed)}
+    assert all(la[s] == lb[s] for s in la if s > stopped_at)
+
+
+def test_sigusr1_checkpoints_and_exits_for_requeue(tmp_path, tiny_args):
+    run = tmp_path / "run"
+    args = tiny_args("train.max_steps=100000", "train.ckpt_every=100000", "train.log_every=1000", run_dir=run)
+    cmd = launch_cmd("python", os.path.join(REPO, "class_cond/train.py"), 1) + args
+    proc = subprocess.Popen(cmd, cwd=REPO, env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not (run / "metrics.jsonl").exists() and not os.path.isdir(run / "tb"):
+        # wait until training is under way: the progress file appears with the first optimizer steps
+        if os.path.isdir(run / "data") and time.time() > deadline - 100:
+            break
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.1)
+    time.sleep(3)
+    proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 75, out[-2000:]
+    (step, path), = list_checkpoints(run)
+    assert step > 0 and f"checkpoint at step {step} written" in out
+    # rerunning the same command resumes from that step
+    done = run_train(tiny_args(f"train.max_steps={step + 3}", "train.ckpt_every=100000", "train.log_every=1000",
+                               run_dir=run))
+    assert f"resumed from {path} at step {step}" in done.stdout + done.stderr
+    assert max(s for s, _ in list_checkpoints(run)) == step + 3
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, tiny_args):
+    run = tmp_path / "run"
+    run_train(tiny_args("train.max_steps=4", "train.ckpt_every=2", run_dir=run))
+    # lr so large the weights blow up: the loss turns non-finite within a few steps
+    proc = run_train(tiny_args("train.max_steps=60", "train.lr=1e30", "run.allow_config_change=true",
+                               "train.ckpt_every=1000", run_dir=run), check=False)
+    assert proc.returncode == 1
+    assert "non-finite loss at step" in proc.stderr and "step_00000004" in proc.stderr
+    assert [s for s, _ in list_checkpoints(run)] == [2, 4]
+
+
+def test_nan_loss_skipped_and_counted(tmp_path, tiny_args):
+    run = tmp_path / "run"
+    run_train(tiny_args("train.max_steps=12", "train.lr=1e30", "train.skip_nonfinite=true", "train.log_every=12",
+                        run_dir=run))
+    (record,) = read_metrics(run)
+    assert record["step"] == 12 and record["skipped_steps"] > 0
+
+
+def test_config_change_refused_on_resume(tmp_path, tiny_args):
+    run = tmp_path / "run"
+    run_train(tiny_args("train.max_steps=2", run_dir=run))
+    proc = run_train(tiny_args("train.max_steps=4", "train.lr=5e-4", run_dir=run), check=False)
+    assert proc.returncode == 2 and "different config" in proc.stderr and "allow_config_change" in proc.stderr
+    # bookkeeping keys (more steps) do not count as a change
+    run_train(tiny_args("train.max_steps=4", run_dir=run))
+    assert max(s for s, _ in list_checkpoints(run)) == 4
