@@ -117,7 +117,9 @@ class SiT(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """See the class docstring for shapes."""
         self._check_input(x)
-        h = self.x_embedder(x) + self.pos_embed
+        x = x.to(self.x_embedder.proj.weight.dtype)  # a bf16 model (DeepSpeed native bf16) takes fp32 latents
+        h = self.x_embedder(x)
+        h = h + self.pos_embed.to(h.dtype)  # the fixed buffer stays fp32 when ZeRO-3 casts the weights
         c = self.t_embedder(t) + self.y_embedder(y)
         zs = []
         for i, block in enumerate(self.blocks):

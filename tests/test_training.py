@@ -38,43 +38,82 @@ def test_two_rank_training_learns(tmp_path, tiny_args, launcher, zero):
     assert "pos_embed" in ema and "projectors.0.0.weight" in ema
 
 
+def _kill_tree(proc):
+    """SIGKILL a launcher and every process under it (torchrun starts its workers in sessions of their own)."""
+    import psutil
+
+    procs = [psutil.Process(proc.pid)] + psutil.Process(proc.pid).children(recursive=True)
+    for p in procs:
+        p.kill()
+    psutil.wait_procs(procs, timeout=30)
+
+
 def _model_weights(ckpt_dir):
-    files = [f for f in os.listdir(ckpt_dir) if f.endswith("model_states.pt")]
-    return torch.load(os.path.join(ckpt_dir, sorted(files)[0]), map_location="cpu", weights_only=False)["module"]
+    """Every rank's saved model/optimizer tensors (ZeRO-3 keeps each rank's partition in its own file)."""
+    out = {}
+    for f in sorted(os.listdir(ckpt_dir)):
+        if f.endswith(".pt"):
+            state = torch.load(os.path.join(ckpt_dir, f), map_location="cpu", weights_only=False)
+            out.update({f"{f}:{k}": v for k, v in _tensors(state).items()})
+    return out
 
 
-def test_sigkill_and_rerun_is_bit_identical(tmp_path, tiny_args):
+def _tensors(obj, prefix=""):
+    if isinstance(obj, torch.Tensor):
+        return {prefix: obj}
+    if isinstance(obj, dict):
+        return {k2: v2 for k, v in obj.items() for k2, v2 in _tensors(v, f"{prefix}.{k}").items()}
+    if isinstance(obj, (list, tuple)):
+        return {k2: v2 for i, v in enumerate(obj) for k2, v2 in _tensors(v, f"{prefix}.{i}").items()}
+    return {}
+
+
+@pytest.mark.parametrize("launcher,zero", [("torchrun", "zero2_fp32"), ("deepspeed", "zero3_fp32")])
+def test_sigkill_and_rerun_is_bit_identical(tmp_path, tiny_args, launcher, zero):
     """A run SIGKILLed mid-way and rerun with the same command ends with the same bits as an uninterrupted one."""
-    common = ("train.ds_config=ds_configs/zero2_fp32.json", "train.max_steps=40", "train.ckpt_every=10",
+    common = (f"train.ds_config=ds_configs/{zero}.json", "train.max_steps=40", "train.ckpt_every=10",
               "train.log_every=5", "train.deterministic=true", "train.num_workers=1")
     straight = tmp_path / "straight"
-    run_train(tiny_args(*common, run_dir=straight), launcher="torchrun", ranks=2)
+    run_train(tiny_args(*common, run_dir=straight), launcher=launcher, ranks=2)
 
     killed = tmp_path / "killed"
     args = tiny_args(*common, run_dir=killed)
-    cmd = launch_cmd("torchrun", os.path.join(REPO, "class_cond/train.py"), 2) + args
+    cmd = launch_cmd(launcher, os.path.join(REPO, "class_cond/train.py"), 2) + args
     proc = subprocess.Popen(cmd, cwd=REPO, env=cpu_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.time() + 240
     while not any(s >= 20 for s, _ in list_checkpoints(killed)):
         assert proc.poll() is None and time.time() < deadline, "run ended before it could be killed"
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    _kill_tree(proc)
     stopped_at = max(s for s, _ in list_checkpoints(killed))
     assert 20 <= stopped_at < 40
-    out = run_train(args, launcher="torchrun", ranks=2)
+    out = run_train(args, launcher=launcher, ranks=2)
     assert f"at step {stopped_at}" in out.stdout + out.stderr
 
     a, b = straight / "checkpoints" / "step_00000040", killed / "checkpoints" / "step_00000040"
-    for name, wa in _model_weights(a).items():
-        assert torch.equal(wa, _model_weights(b)[name]), name
+    wa, wb = _model_weights(a), _model_weights(b)
+    assert len(wa) > 10 and wa.keys() == wb.keys()  # model, optimizer moments and fp32 partitions of all ranks
+    for name in wa:
+        assert torch.equal(wa[name], wb[name]), name
     ema_a, ema_b = load_file(a / "ema.safetensors"), load_file(b / "ema.safetensors")
     assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
     # the resumed run logged the same losses as the uninterrupted one from where it picked up
     la = {r["step"]: r["loss"] for r in read_metrics(straight)}
     lb = {r["step"]: r["loss"] for r in read_metrics(killed)}
     assert all(la[s] == lb[s] for s in la if s > stopped_at)
+
+
+@pytest.mark.parametrize("ds_config", ["zero1", "zero3_dsbf16"])
+def test_bf16_precisions_train(tmp_path, tiny_args, ds_config):
+    """bf16 autocast over fp32 weights (the default JSONs) and DeepSpeed's native bf16 both run and save."""
+    run = tmp_path / "run"
+    run_train(tiny_args(f"train.ds_config=ds_configs/{ds_config}.json", "train.max_steps=20", "train.log_every=10"))
+    records = read_metrics(run)
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
+    assert records[-1]["denoise_loss"] < records[0]["denoise_loss"]
+    ema = load_file(run / "export" / "ema.safetensors")
+    assert ema["blocks.0.attn.qkv.weight"].dtype == torch.float32
 
 
 def test_sigusr1_checkpoints_and_exits_for_requeue(tmp_path, tiny_args):
