@@ -162,6 +162,13 @@ SIT_PRESETS: dict[str, dict] = {
 }
 
 
+def build_sit(kwargs: dict, **extra) -> SiT:
+    """SiT from the full keyword arguments recorded in a checkpoint (`model.kwargs` of state.json)."""
+    kwargs = {**kwargs, **extra}
+    kwargs["encoder_dims"] = tuple(kwargs.get("encoder_dims", ()))
+    return SiT(**kwargs)
+
+
 def build_model(preset: str, **overrides) -> SiT:
     """SiT from a preset name in SIT_PRESETS ("XL/2", "tiny", ...); overrides are SiT keyword arguments."""
     if preset not in SIT_PRESETS:

@@ -10,9 +10,10 @@ from core.data import SkippingDataset
 from core.dist import DistContext, barrier
 from core.shards import ShardReader, read_manifest
 from core.trainer import DataInfo
+from core.transport import build_objective
 
 from class_cond.data import decode_class_cond, feature_key, make_synthetic_class_cond
-from class_cond.models import SIT_PRESETS, build_model
+from class_cond.models import SIT_PRESETS, build_sit
 
 
 @dataclass
@@ -59,6 +60,8 @@ class ClassCondConfig:
 
 
 class ClassCondTask:
+    name = "class_cond"
+
     def __init__(self, cfg: ClassCondConfig):
         self.cfg = cfg
         self.num_classes = 0  # from the dataset's manifest
@@ -81,15 +84,19 @@ class ClassCondTask:
         keys = tuple(feature_key(n) for n in feature_names)
         return SkippingDataset(ShardReader(info.root), lambda raw: decode_class_cond(raw, need_image, keys))
 
-    def build_model(self, info: DataInfo, encoder_dims: list[int]) -> torch.nn.Module:
+    def model_kwargs(self, info: DataInfo, encoder_dims: list[int]) -> dict:
+        """Every SiT constructor argument (JSON-serialisable): checkpoints record them so eval needs no data."""
         c, h, w = info.latent_shape
         if h != w:
             raise ConfigError(f"latents of {info.root} are {h}x{w}; the model needs square latents")
         m = self.cfg.model
-        return build_model(m.preset, input_size=h, in_channels=c, num_classes=info.manifest["num_classes"],
-                           repa_depth=self.cfg.repa.depth, encoder_dims=tuple(encoder_dims),
-                           projector_dim=self.cfg.repa.projector_dim, qk_norm=m.qk_norm,
-                           grad_checkpointing=m.grad_checkpointing)
+        return {**SIT_PRESETS[m.preset], "input_size": h, "in_channels": c,
+                "num_classes": int(info.manifest["num_classes"]), "repa_depth": self.cfg.repa.depth,
+                "encoder_dims": list(encoder_dims), "projector_dim": self.cfg.repa.projector_dim,
+                "qk_norm": m.qk_norm, "learn_sigma": build_objective(self.cfg.objective).learn_sigma}
+
+    def build_model(self, kwargs: dict) -> torch.nn.Module:
+        return build_sit(kwargs, grad_checkpointing=self.cfg.model.grad_checkpointing)
 
     def condition(self, batch: dict, drop: torch.Tensor, device: torch.device) -> dict:
         labels = batch["label"].to(device, non_blocking=True)

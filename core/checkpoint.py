@@ -158,7 +158,8 @@ def load_checkpoint(ckpt_dir: str, engine, ema, rank: int, world_size: int) -> d
 
 def export_ema(run_dir: str, out_path: str, ckpt_dir: str | None = None) -> str:
     """Copy the EMA weights of a run's newest (or given) checkpoint to `out_path` (safetensors) and write
-    `out_path` with .json: step and the resolved config, for eval. Returns out_path."""
+    `out_path` with .json: step, the model's task and constructor arguments, the latent space (autoencoder,
+    scale) and the resolved config, so eval can rebuild the model without the training data. Returns out_path."""
     import yaml
 
     ckpt_dir = ckpt_dir or latest_checkpoint(run_dir)
@@ -172,7 +173,8 @@ def export_ema(run_dir: str, out_path: str, ckpt_dir: str | None = None) -> str:
     tmp = f"{out_path}.tmp{os.getpid()}"
     save_file(weights, tmp, metadata={"step": str(state["step"]), "source": os.path.abspath(ckpt_dir)})
     os.replace(tmp, out_path)
-    write_json_atomic(os.path.splitext(out_path)[0] + ".json", {"step": state["step"], "config": config})
+    write_json_atomic(os.path.splitext(out_path)[0] + ".json",
+                      {"step": state["step"], "model": state["model"], "latent": state["latent"], "config": config})
     return out_path
 
 

@@ -75,7 +75,12 @@ class Task(Protocol):
     def dataset(self, info: DataInfo, need_image: bool, feature_names: list[str]):
         """A map-style dataset of dicts with "moments", the condition's fields, and "image" or "feats"."""
 
-    def build_model(self, info: DataInfo, encoder_dims: list[int]) -> torch.nn.Module:
+    name: str  # recorded in checkpoints: which task's model builder reads `model.kwargs`
+
+    def model_kwargs(self, info: DataInfo, encoder_dims: list[int]) -> dict:
+        """JSON-serialisable constructor arguments of the model (recorded in every checkpoint)."""
+
+    def build_model(self, kwargs: dict) -> torch.nn.Module:
         """The model; forward(x, t, **condition) -> (output, [projected tokens per encoder])."""
 
     def condition(self, batch: dict, drop: torch.Tensor, device: torch.device) -> dict:
@@ -153,17 +158,20 @@ def train(cfg, task: Task) -> int:
         enc_dims = [encoder_dim(s) for s in cfg.repa.encoders] if use_repa else []
 
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
-    model = task.build_model(info, enc_dims)
+    model_kwargs = task.model_kwargs(info, enc_dims)
+    model = task.build_model(model_kwargs)
     engine = create_engine(model, cfg.train, ds_config, ctx.device)
     ema = EMA(engine.module, cfg.train.ema_decay)
     objective = build_objective(cfg.objective)
     torch.manual_seed(cfg.run.seed * 7919 + ctx.rank)
 
     state = {"step": 0, "skipped_steps": 0, "corrupt_samples": 0, "config_hash": config_hash(cfg),
-             "world_size": ctx.world_size}
+             "world_size": ctx.world_size, "model": {"task": task.name, "kwargs": model_kwargs},
+             "latent": info.manifest["latent"]}
     if resume_from is not None:
         state.update(ckpt.load_checkpoint(resume_from, engine, ema, ctx.rank, ctx.world_size))
-        state.update(config_hash=config_hash(cfg), world_size=ctx.world_size)
+        state.update(config_hash=config_hash(cfg), world_size=ctx.world_size,
+                     model={"task": task.name, "kwargs": model_kwargs}, latent=info.manifest["latent"])
         apply_optimizer_settings(engine, cfg.train)  # the optimizer state restores the saved lr/betas otherwise
         if ctx.is_main:
             tqdm.write(f"resumed from {resume_from} at step {state['step']}")
