@@ -82,7 +82,7 @@ class ClassCondTask:
 
     def dataset(self, info: DataInfo, need_image: bool, feature_names: list[str]):
         keys = tuple(feature_key(n) for n in feature_names)
-        return SkippingDataset(ShardReader(info.root), lambda raw: decode_class_cond(raw, need_image, keys))
+        return SkippingDataset(ShardReader(info.root), lambda raw, _: decode_class_cond(raw, need_image, keys))
 
     def model_kwargs(self, info: DataInfo, encoder_dims: list[int]) -> dict:
         """Every SiT constructor argument (JSON-serialisable): checkpoints record them so eval needs no data."""

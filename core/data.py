@@ -16,8 +16,12 @@ log = logging.getLogger(__name__)
 SAMPLE_ERRORS = (ValueError, KeyError, OSError, EOFError, IndexError)
 
 
-class StepSampler(Sampler[int]):
-    """Infinite index stream for one rank, starting at global step `start_step`."""
+class StepSampler(Sampler[tuple[int, int]]):
+    """Infinite stream of (sample index, stream position) for one rank, from global step `start_step` on.
+
+    The position is unique per draw, so a dataset can derive per-draw randomness from it (e.g. which caption of an
+    image to use) that differs across epochs and replays exactly on resume.
+    """
 
     def __init__(self, num_samples: int, global_batch: int, world_size: int, rank: int, seed: int, start_step: int = 0):
         if global_batch % world_size:
@@ -39,26 +43,28 @@ class StepSampler(Sampler[int]):
         while True:
             base = step * self.global_batch + self.rank * self.per_rank
             for j in range(self.per_rank):
-                yield self.index_at(base + j)
+                yield self.index_at(base + j), base + j
             step += 1
 
 
 class SkippingDataset(Dataset):
-    """Wraps a random-access `source` and a `decode(raw) -> dict` function; an unreadable sample is replaced by
-    the next index (deterministically) and the sample carries `skipped` = how many were passed over."""
+    """Wraps a random-access `source` and a `decode(raw, position) -> dict` function; items are (index, position)
+    pairs from StepSampler. An unreadable sample is replaced by the next index (deterministically) and the sample
+    carries `skipped` = how many were passed over."""
 
-    def __init__(self, source, decode: Callable[[dict], dict], max_consecutive: int = 64):
+    def __init__(self, source, decode: Callable[[dict, int], dict], max_consecutive: int = 64):
         self.source, self.decode, self.max_consecutive = source, decode, max_consecutive
 
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, item: tuple[int, int]) -> dict:
+        index, position = item
         n = len(self.source)
         for k in range(min(self.max_consecutive, n)):
             j = (index + k) % n
             try:
-                sample = self.decode(self.source[j])
+                sample = self.decode(self.source[j], position)
             except SAMPLE_ERRORS as err:
                 log.warning("skipping corrupt sample %d: %s: %s", j, type(err).__name__, err)
                 continue

@@ -85,7 +85,10 @@ def test_missing_shard_and_count_mismatch(tmp_path):
 def test_sampler_is_a_function_of_step_and_rank():
     n, gb, world = 10, 4, 2
     streams = [StepSampler(n, gb, world, r, seed=3) for r in range(world)]
-    first = [[next(it) for _ in range(2 * 10)] for it in map(iter, streams)]  # 10 steps x 2 per rank
+    draws = [[next(it) for _ in range(2 * 10)] for it in map(iter, streams)]  # 10 steps x 2 per rank
+    first = [[index for index, _ in d] for d in draws]
+    positions = sorted(p for d in draws for _, p in d)
+    assert positions == list(range(40))  # every stream position drawn once, by one rank
     # ranks are disjoint within a step and together cover each epoch exactly once
     epoch0 = first[0][:2] + first[1][:2] + first[0][2:4] + first[1][2:4] + first[0][4:5] + first[1][4:5]
     per_step = [first[0][2 * s:2 * s + 2] + first[1][2 * s:2 * s + 2] for s in range(10)]
@@ -94,7 +97,7 @@ def test_sampler_is_a_function_of_step_and_rank():
     assert flat[:10] != flat[10:20]  # a new permutation each epoch
     # resuming at step 3 continues the same stream
     resumed = iter(StepSampler(n, gb, world, 1, seed=3, start_step=3))
-    assert [next(resumed) for _ in range(4)] == first[1][6:10]
+    assert [next(resumed) for _ in range(4)] == draws[1][6:10]
     assert epoch0  # (kept for readability of the layout above)
 
 
@@ -112,13 +115,13 @@ def test_corrupt_samples_are_skipped_and_counted(tmp_path):
             return raw
 
     flaky = Flaky(str(tmp_path))
-    ds = SkippingDataset(flaky, lambda raw: decode_class_cond(raw, True, ()))
-    s = ds[3]
+    ds = SkippingDataset(flaky, lambda raw, _: decode_class_cond(raw, True, ()))
+    s = ds[3, 0]
     assert s["skipped"] == 2 and s["label"].item() == 5 % 2  # index 5 served instead
-    assert ds[2]["skipped"] == 0
-    missing = SkippingDataset(reader, lambda raw: decode_class_cond(raw, False, ("feat_dinov2-b.npy",)))
+    assert ds[2, 0]["skipped"] == 0
+    missing = SkippingDataset(reader, lambda raw, _: decode_class_cond(raw, False, ("feat_dinov2-b.npy",)))
     with pytest.raises(RuntimeError, match="consecutive samples"):
-        missing[0]
+        missing[0, 0]
 
 
 def test_training_counts_corrupt_samples(tmp_path, tiny_args):

@@ -1,0 +1,145 @@
+"""The text-to-image task: MS-COCO latents + caption embeddings -> MMDiT, conditioned on caption tokens.
+
+A small adapter for the shared trainer (core/trainer.py): it locates the dataset, builds the MMDiT, and turns a
+batch into the model's `context` with caption dropout to the empty caption's embedding (the CFG null condition).
+Which of an image's captions a draw uses is a function of (run.seed, stream position), so it replays on resume.
+"""
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from core.config import (ConfigError, ObjectiveConfig, RepaConfig, RunConfig, TrainConfig, check_choice,
+                         validate_common)
+from core.data import SkippingDataset
+from core.dist import DistContext, barrier
+from core.shards import ShardFormatError, ShardReader, decode_value, read_manifest
+from core.trainer import DataInfo
+from t2i.mmdit import MMDIT_PRESETS, build_mmdit
+
+
+@dataclass
+class T2IModelConfig:
+    preset: str = "base"  # tiny, base (App. K: hidden 768, depth 24, 12 heads), large (for 512 px)
+    qk_norm: bool = False  # RMSNorm on queries and keys (SD3); helps stability at scale
+    pooled_text: bool = False  # add an MLP of the mean caption token to the timestep embedding
+    grad_checkpointing: bool = False
+
+
+@dataclass
+class T2IDataConfig:
+    kind: str = "shards"  # shards: a prepared COCO dataset (data_prep.coco); synthetic: generated shapes
+    path: str = ""  # the prepared dataset directory; for synthetic, where to write it ("" = <run.dir>/data)
+    synthetic_samples: int = 512
+    synthetic_resolution: int = 32
+    synthetic_text_encoder: str = "clip-tiny"  # the generated set's caption encoder (random-init offline)
+    synthetic_autoencoder: str = "pixel-s2d4"
+
+
+@dataclass
+class T2IConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: T2IModelConfig = field(default_factory=T2IModelConfig)
+    repa: RepaConfig = field(default_factory=RepaConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=150_000))  # App. K: 150K iterations
+    data: T2IDataConfig = field(default_factory=T2IDataConfig)
+
+    def validate(self) -> None:
+        validate_common(self)
+        check_choice("model.preset", self.model.preset, tuple(MMDIT_PRESETS))
+        check_choice("data.kind", self.data.kind, ("shards", "synthetic"))
+        if self.data.kind == "shards":
+            if not self.data.path:
+                raise ConfigError("data.path is empty: name the prepared COCO dataset directory (data_prep.coco)")
+            if not os.path.isdir(self.data.path):
+                raise ConfigError(f"data.path: directory {self.data.path!r} does not exist")
+            try:
+                manifest = read_manifest(self.data.path)
+            except ValueError as err:
+                raise ConfigError(f"data.path: {err}") from None
+            if manifest.get("kind") != "t2i":
+                raise ConfigError(f"data.path: {self.data.path!r} is a {manifest.get('kind')!r} dataset, not t2i")
+        depth = MMDIT_PRESETS[self.model.preset]["depth"]
+        if self.repa.coeff > 0 and not 1 <= self.repa.depth <= depth:
+            raise ConfigError(f"repa.depth={self.repa.depth} is outside the {self.model.preset} model's blocks 1..{depth}")
+
+
+def caption_index(seed: int, position: int, num_captions: int) -> int:
+    """Which caption a draw uses: a pure function of the run seed and the draw's stream position."""
+    return int(np.random.SeedSequence([seed, position, 7]).generate_state(1)[0] % num_captions)
+
+
+def decode_t2i(raw: dict, position: int, seed: int, need_image: bool, feature_keys: tuple[str, ...]) -> dict:
+    """Shard sample -> {"moments": (2C, h, w), "context": (L, D) one caption's tokens, "caption_index": int,
+    ["image"], ["feats"]}."""
+    wanted = ["latent.npy", "txt_emb.npy"] + (["image.png"] if need_image else []) + list(feature_keys)
+    missing = [k for k in wanted if k not in raw]
+    if missing:
+        raise ShardFormatError(f"sample {raw.get('__key__')!r} has no {missing[0]!r} member")
+    embeddings = decode_value("txt_emb.npy", raw["txt_emb.npy"])  # (K, L, D)
+    k = caption_index(seed, position, embeddings.shape[0])
+    out = {"moments": torch.from_numpy(decode_value("latent.npy", raw["latent.npy"]).astype(np.float32)),
+           "context": torch.from_numpy(embeddings[k].astype(np.float32)), "caption_index": k}
+    if need_image:
+        out["image"] = torch.from_numpy(decode_value("image.png", raw["image.png"]).copy()).permute(2, 0, 1)
+    if feature_keys:
+        out["feats"] = tuple(torch.from_numpy(decode_value(k_, raw[k_]).astype(np.float32)) for k_ in feature_keys)
+    return out
+
+
+def load_null_context(root: str, manifest: dict) -> torch.Tensor:
+    """The empty caption's token embeddings (L, D) float32, stored once per dataset (FORMATS.md)."""
+    name = manifest.get("null_text_embedding")
+    if not name or not os.path.isfile(os.path.join(root, name)):
+        raise ShardFormatError(f"dataset {root!r} has no empty-caption embedding (manifest 'null_text_embedding')")
+    return torch.from_numpy(np.load(os.path.join(root, name), allow_pickle=False).astype(np.float32))
+
+
+class T2ITask:
+    name = "t2i"
+
+    def __init__(self, cfg: T2IConfig):
+        self.cfg = cfg
+        self.null_context: torch.Tensor | None = None
+
+    def prepare_data(self, ctx: DistContext) -> DataInfo:
+        d = self.cfg.data
+        root = d.path
+        if d.kind == "synthetic":
+            from t2i.data import make_synthetic_t2i
+
+            root = d.path or os.path.join(self.cfg.run.dir, "data")
+            if ctx.is_main and not os.path.isfile(os.path.join(root, "train", "manifest.json")):
+                make_synthetic_t2i(root, d.synthetic_samples, d.synthetic_resolution, d.synthetic_text_encoder,
+                                   d.synthetic_autoencoder, seed=self.cfg.run.seed)
+            barrier()
+            root = os.path.join(root, "train")
+        info = DataInfo(root, read_manifest(root))
+        self.null_context = load_null_context(root, info.manifest)
+        return info
+
+    def dataset(self, info: DataInfo, need_image: bool, feature_names: list[str]):
+        keys = tuple(f"feat_{n}.npy" for n in feature_names)
+        seed = self.cfg.run.seed
+        return SkippingDataset(ShardReader(info.root),
+                               lambda raw, position: decode_t2i(raw, position, seed, need_image, keys))
+
+    def model_kwargs(self, info: DataInfo, encoder_dims: list[int]) -> dict:
+        c, h, w = info.latent_shape
+        if h != w:
+            raise ConfigError(f"latents of {info.root} are {h}x{w}; the model needs square latents")
+        m = self.cfg.model
+        return {**MMDIT_PRESETS[m.preset], "input_size": h, "in_channels": c,
+                "text_dim": int(self.null_context.shape[-1]), "repa_depth": self.cfg.repa.depth,
+                "encoder_dims": list(encoder_dims), "projector_dim": self.cfg.repa.projector_dim,
+                "qk_norm": m.qk_norm, "pooled_text": m.pooled_text}
+
+    def build_model(self, kwargs: dict) -> torch.nn.Module:
+        return build_mmdit(kwargs, grad_checkpointing=self.cfg.model.grad_checkpointing)
+
+    def condition(self, batch: dict, drop: torch.Tensor, device: torch.device) -> dict:
+        context = batch["context"].to(device, non_blocking=True)
+        null = self.null_context.to(device=device, dtype=context.dtype).expand_as(context)
+        return {"context": torch.where(drop[:, None, None], null, context)}

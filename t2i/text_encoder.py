@@ -1,0 +1,211 @@
+"""Frozen caption encoders for text-to-image: per-token embeddings (B, L, D) of a list of captions.
+
+A spec names the encoder, as the vision encoders' specs do (core/encoders.py):
+
+    clip-l                  CLIP ViT-L/14 text (transformers CLIPTextModel + CLIPTokenizer, openai/clip-vit-large-patch14):
+                            the last hidden state, 77 tokens x 768, as U-ViT and the REPA T2I setup (App. K)
+    clip-l@SOURCE           the same model from a local directory or hub id (must be 768 wide)
+    clip@SOURCE             any transformers CLIP text model + tokenizer at SOURCE (width from its config)
+    openclip:ARCH[@SOURCE]  an open_clip text tower (ARCH e.g. ViT-bigG-14; SOURCE a pretrained tag or a local
+                            weights file): tokens after ln_final; L is the tokenizer's context length
+    clip-tiny               test-only: random-init 2-layer CLIPTextModel (width 32, seed 0) with the real CLIP BPE
+                            tokenizer, built offline from open_clip's bundled vocabulary
+    openclip-tiny           test-only: random-init 2-layer open_clip TextTransformer (width 32) + open_clip's tokenizer
+
+Captions are padded with the tokenizer's pad token and truncated to L = `max_length` tokens; no attention mask is
+passed (the causal mask keeps padding out of the caption tokens), as U-ViT's FrozenCLIPEmbedder.
+"""
+import contextlib
+import gzip
+import os
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+CLIP_L_SOURCE = "openai/clip-vit-large-patch14"
+CLIP_L_DIM = 768
+TEXT_ENCODER_NAMES = ("clip-l", "clip", "openclip", "clip-tiny", "openclip-tiny")
+# The tiny test encoders: width 32, 2 layers, 2 heads, MLP 64, seed 0 (full CLIP vocabulary, 49408 tokens).
+_TINY = dict(width=32, layers=2, heads=2, mlp=64, seed=0)
+
+
+class TextEncoder(nn.Module):
+    """A frozen caption encoder. Attributes: id (the spec that rebuilds it), dim (D), max_length (L)."""
+
+    def __init__(self, spec: str, dim: int, max_length: int):
+        super().__init__()
+        self.id, self.dim, self.max_length = spec, int(dim), int(max_length)
+
+    def _tokens(self, texts: list[str]) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @torch.no_grad()
+    def encode(self, texts: Sequence[str]) -> torch.Tensor:
+        """texts: B captions -> (B, max_length, dim) float32 token embeddings on the encoder's device."""
+        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+            raise TypeError("encode takes a list of caption strings")
+        if len(texts) == 0:
+            return torch.zeros(0, self.max_length, self.dim, device=self.device)
+        return self._tokens(list(texts)).float()
+
+    def train(self, mode: bool = True) -> "TextEncoder":
+        """Always eval: the encoder is frozen."""
+        return super().train(False)
+
+
+class HFClipTextEncoder(TextEncoder):
+    """transformers CLIPTextModel; tokens = last_hidden_state (after the final layer norm)."""
+
+    def __init__(self, spec: str, model: nn.Module, tokenizer, max_length: int = 77):
+        super().__init__(spec, model.config.hidden_size, max_length)
+        self.model, self.tokenizer = model, tokenizer
+        self.requires_grad_(False)
+        self.train(False)
+
+    def _tokens(self, texts: list[str]) -> torch.Tensor:
+        ids = self.tokenizer(texts, padding="max_length", max_length=self.max_length, truncation=True,
+                             return_tensors="pt")["input_ids"]
+        return self.model(input_ids=ids.to(self.device)).last_hidden_state
+
+
+class OpenClipTextEncoder(TextEncoder):
+    """open_clip text tower; tokens = the transformer's output after ln_final (B, context_length, width)."""
+
+    def __init__(self, spec: str, tower: nn.Module, tokenizer):
+        width = tower.text.transformer.width if hasattr(tower, "text") else tower.transformer.width
+        super().__init__(spec, width, tokenizer.context_length)
+        self.tower, self.tokenizer = tower, tokenizer
+        self.requires_grad_(False)
+        self.train(False)
+
+    def _tokens(self, texts: list[str]) -> torch.Tensor:
+        ids = self.tokenizer(texts).to(self.device)
+        t = self.tower
+        if hasattr(t, "text"):  # CustomTextCLIP: its TextTransformer returns (pooled, tokens)
+            t = t.text
+        if hasattr(t, "output_tokens"):  # a TextTransformer
+            t.output_tokens = True
+            return t(ids)[1]
+        # open_clip's CLIP keeps the text tower's parts on the model: encode_text up to ln_final
+        x = t.token_embedding(ids) + t.positional_embedding
+        return t.ln_final(t.transformer(x, attn_mask=t.attn_mask))
+
+
+def parse_text_encoder_spec(spec: str) -> tuple[str, Optional[str], Optional[str]]:
+    """spec -> (name, arch or None, source or None); raises ValueError naming the valid forms."""
+    head, _, source = spec.strip().partition("@")
+    head, source = head.strip(), source.strip() or None
+    name, _, arch = head.partition(":")
+    valid = "clip-l, clip-l@SOURCE, clip@SOURCE, openclip:ARCH[@SOURCE], clip-tiny, openclip-tiny"
+    if name not in TEXT_ENCODER_NAMES:
+        raise ValueError(f"unknown text encoder {spec!r}; valid forms: {valid}")
+    if (name == "openclip") != bool(arch):
+        raise ValueError(f"text encoder {spec!r}: 'openclip:ARCH' needs an architecture, other names take none; "
+                         f"valid forms: {valid}")
+    if name.endswith("-tiny") and source:
+        raise ValueError(f"text encoder {name!r} is random-init and takes no @SOURCE (got {source!r})")
+    if name == "clip" and not source:
+        raise ValueError(f"text encoder {spec!r}: 'clip' needs @SOURCE (a local directory or hub id)")
+    return name, arch or None, source
+
+
+def load_text_encoder(spec: str, device: Union[str, torch.device] = "cpu") -> TextEncoder:
+    """Build the frozen text encoder named by `spec` (module docstring) in eval mode on `device`."""
+    name, arch, source = parse_text_encoder_spec(spec)
+    spec = spec.strip()
+    if name == "clip-tiny":
+        enc = _tiny_hf_clip(spec)
+    elif name == "openclip-tiny":
+        enc = _tiny_open_clip(spec)
+    elif name == "openclip":
+        enc = _open_clip(spec, arch, source)
+    else:
+        enc = _hf_clip(spec, source or CLIP_L_SOURCE)
+        if name == "clip-l" and enc.dim != CLIP_L_DIM:
+            raise ValueError(f"text encoder {spec!r} is {enc.dim} wide, but CLIP ViT-L/14 text is {CLIP_L_DIM}: "
+                             f"{source!r} is not that model (use clip@SOURCE for another CLIP text model)")
+    return enc.to(device)
+
+
+def _hf_clip(spec: str, source: str) -> TextEncoder:
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    path = os.path.expanduser(source)
+    if source.startswith(("/", "./", "../", "~")) and not os.path.exists(path):
+        raise FileNotFoundError(f"text encoder {spec!r}: path {source!r} does not exist")
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(path)
+        model = CLIPTextModel.from_pretrained(path, dtype=torch.float32)
+    except OSError as e:
+        raise OSError(f"text encoder {spec!r}: cannot load a CLIP text model and tokenizer from {source!r}: {e}") from e
+    return HFClipTextEncoder(spec, model, tokenizer, max_length=min(77, model.config.max_position_embeddings))
+
+
+def clip_bpe_tokenizer():
+    """The CLIP BPE tokenizer (transformers CLIPTokenizer, 49408 tokens) built offline from open_clip's bundled
+    BPE merges, as OpenAI's CLIP builds its vocabulary: 256 byte symbols, the same with '</w>', the merges, then
+    <|startoftext|> (49406) and <|endoftext|> (49407)."""
+    from open_clip.tokenizer import bytes_to_unicode, default_bpe
+    from transformers import CLIPTokenizer
+
+    with gzip.open(default_bpe()) as f:
+        lines = f.read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
+    merges = [tuple(line.split()) for line in lines]
+    symbols = list(bytes_to_unicode().values())
+    vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    return CLIPTokenizer(vocab={v: i for i, v in enumerate(vocab)}, merges=merges)
+
+
+def _tiny_hf_clip(spec: str) -> TextEncoder:
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = clip_bpe_tokenizer()
+    config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=_TINY["width"], intermediate_size=_TINY["mlp"],
+                            num_hidden_layers=_TINY["layers"], num_attention_heads=_TINY["heads"],
+                            max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    with _seeded(_TINY["seed"]):
+        model = CLIPTextModel(config)
+    return HFClipTextEncoder(spec, model, tokenizer)
+
+
+def _tiny_open_clip(spec: str) -> TextEncoder:
+    from open_clip.model import CLIPTextCfg, _build_text_tower
+    from open_clip.tokenizer import SimpleTokenizer
+
+    cfg = CLIPTextCfg(width=_TINY["width"], heads=_TINY["heads"], layers=_TINY["layers"],
+                      mlp_ratio=_TINY["mlp"] / _TINY["width"])
+    with _seeded(_TINY["seed"]):
+        tower = _build_text_tower(embed_dim=_TINY["width"], text_cfg=cfg)
+    return OpenClipTextEncoder(spec, tower, SimpleTokenizer(context_length=cfg.context_length))
+
+
+def _open_clip(spec: str, arch: str, source: Optional[str]) -> TextEncoder:
+    import open_clip
+
+    if arch not in open_clip.list_models():
+        raise ValueError(f"text encoder {spec!r}: {arch!r} is not an open_clip model")
+    path = os.path.expanduser(source) if source else None
+    if path and source.startswith(("/", "./", "../", "~")) and not os.path.exists(path):
+        raise FileNotFoundError(f"text encoder {spec!r}: path {source!r} does not exist")
+    try:
+        model = open_clip.create_model(arch, pretrained=path, device="cpu")
+    except RuntimeError as e:
+        raise RuntimeError(f"text encoder {spec!r}: cannot load open_clip {arch} from {source!r}: {e}") from e
+    if hasattr(model, "visual"):
+        model.visual = None  # only the text tower is used
+    return OpenClipTextEncoder(spec, model, open_clip.get_tokenizer(arch))
+
+
+@contextlib.contextmanager
+def _seeded(seed: int):
+    """Run a block under torch.manual_seed(seed) without changing the caller's CPU RNG state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
