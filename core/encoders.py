@@ -69,13 +69,19 @@ class TargetEncoder(nn.Module):
     Subclasses wrap one library model (`self.model`); they fit its position embeddings to the token grid
     (`_fit_grid`) and return its patch tokens on preprocessed pixels (`_tokens`).
     Attributes: name (spec), description, embed_dim (D), patch_size, resolution (image px the encoder serves),
-    input_size (encoder px: 224 * resolution / 256, as the reference), num_tokens ((input_size/patch_size)^2).
+    input_size (encoder px), num_tokens ((input_size/patch_size)^2).
+
+    input_size: patch_size * grid when the model's token grid is given, so each model token has one encoder patch
+    whatever the encoder's patch size (224 px for DINOv2 at 256 px with a /2 model, as the reference; 256 px for a
+    patch-16 CLIP or SigLIP, whose 224 px input would give 196 patches for 256 tokens); otherwise the reference's
+    224 * resolution / 256.
     """
 
     def __init__(self, name: str, model: nn.Module, embed_dim: int, patch_size: int, resolution: int,
-                 mean: Sequence[float], std: Sequence[float], description: Optional[str] = None):
+                 mean: Sequence[float], std: Sequence[float], description: Optional[str] = None,
+                 grid: Optional[int] = None):
         super().__init__()
-        input_size = round(224 * resolution / 256)
+        input_size = patch_size * grid if grid else round(224 * resolution / 256)
         if input_size % patch_size:
             raise ValueError(
                 f"encoder {name!r}: input size {input_size} px (224 * {resolution} / 256) is not divisible by "
@@ -172,14 +178,16 @@ class OpenClipTimmEncoder(TargetEncoder):
         return trunk.forward_features(x)[:, trunk.num_prefix_tokens:]
 
 
-def load_encoder(spec: str, resolution: int, device: Union[str, torch.device] = "cpu") -> TargetEncoder:
-    """Build the frozen encoder named by `spec` for images of `resolution` px, in eval mode on `device`."""
+def load_encoder(spec: str, resolution: int, device: Union[str, torch.device] = "cpu",
+                 grid: Optional[int] = None) -> TargetEncoder:
+    """Build the frozen encoder named by `spec` for images of `resolution` px, in eval mode on `device`; with
+    `grid` (the model's tokens per side) its input is sized to give grid x grid patches."""
     name, source = parse_encoder_spec(spec)
     entry = _ENCODERS[name]
     if entry.source is None and source is not None:
         raise ValueError(f"encoder {name!r} is random-init and takes no @SOURCE (got {source!r})")
     build = {"dinov2": _build_dinov2, "clip": _build_clip, "siglip": _build_siglip}[entry.family]
-    encoder = build(spec, entry, source or entry.source, resolution)
+    encoder = build(spec, entry, source or entry.source, resolution, grid)
     if encoder.embed_dim != entry.dim:
         raise ValueError(
             f"encoder {spec!r} has token width {encoder.embed_dim} but {name!r} is {entry.dim} wide; "
@@ -189,13 +197,14 @@ def load_encoder(spec: str, resolution: int, device: Union[str, torch.device] = 
 
 
 def load_encoders(specs: Union[str, Sequence[str]], resolution: int,
-                  device: Union[str, torch.device] = "cpu") -> list:
+                  device: Union[str, torch.device] = "cpu", grid: Optional[int] = None) -> list:
     """load_encoder for each spec (a single string is one spec) -> list[TargetEncoder]."""
     specs = [specs] if isinstance(specs, str) else list(specs)
-    return [load_encoder(spec, resolution, device) for spec in specs]
+    return [load_encoder(spec, resolution, device, grid) for spec in specs]
 
 
-def _build_dinov2(spec: str, entry: _Entry, source: Optional[str], resolution: int) -> TargetEncoder:
+def _build_dinov2(spec: str, entry: _Entry, source: Optional[str], resolution: int,
+                 grid: Optional[int]) -> TargetEncoder:
     from transformers import Dinov2Config, Dinov2Model
     from transformers.utils.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
@@ -216,10 +225,11 @@ def _build_dinov2(spec: str, entry: _Entry, source: Optional[str], resolution: i
     patch = model.config.patch_size
     patch = patch if isinstance(patch, int) else patch[0]
     return DinoV2Encoder(spec, model, model.config.hidden_size, patch, resolution,
-                         IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, description)
+                         IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, description, grid)
 
 
-def _build_clip(spec: str, entry: _Entry, source: Optional[str], resolution: int) -> TargetEncoder:
+def _build_clip(spec: str, entry: _Entry, source: Optional[str], resolution: int,
+                 grid: Optional[int]) -> TargetEncoder:
     from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
     from open_clip.model import CLIPVisionCfg, _build_vision_tower
 
@@ -232,10 +242,11 @@ def _build_clip(spec: str, entry: _Entry, source: Optional[str], resolution: int
     else:
         visual, mean, std, description = _open_clip_visual(spec, entry, source)
     return OpenClipViTEncoder(spec, visual, visual.transformer.width, visual.patch_size[0], resolution,
-                              mean, std, description)
+                              mean, std, description, grid)
 
 
-def _build_siglip(spec: str, entry: _Entry, source: Optional[str], resolution: int) -> TargetEncoder:
+def _build_siglip(spec: str, entry: _Entry, source: Optional[str], resolution: int,
+                 grid: Optional[int]) -> TargetEncoder:
     import open_clip
     import timm
     from open_clip.constants import INCEPTION_MEAN, INCEPTION_STD
@@ -254,7 +265,7 @@ def _build_siglip(spec: str, entry: _Entry, source: Optional[str], resolution: i
         visual, mean, std, description = _open_clip_visual(spec, entry, source)
     trunk = visual.trunk
     return OpenClipTimmEncoder(spec, visual, trunk.embed_dim, trunk.patch_embed.patch_size[0], resolution,
-                               mean, std, description)
+                               mean, std, description, grid)
 
 
 def _open_clip_visual(spec: str, entry: _Entry, source: str):

@@ -26,6 +26,7 @@ from core.config import ConfigError, config_hash, save_config
 from core.data import StepSampler, make_loader
 from core.dist import DistContext, any_rank, barrier, mean_over_ranks, setup_distributed, sum_over_ranks
 from core.ema import EMA
+from core.encoders import encoder_dim, load_encoders
 from core.engine import batch_layout, build_ds_config, create_engine
 from core.latents import sample_latents
 from core.logging import MetricsLogger
@@ -146,20 +147,15 @@ def train(cfg, task: Task) -> int:
     use_repa = cfg.repa.coeff > 0
     enc_names = _split_names(cfg.repa.encoders) if use_repa else []
     use_feats = info.has_features(enc_names)
-    encoders = []
-    if use_repa and not use_feats:
-        from core.encoders import load_encoders
-
-        encoders = load_encoders(cfg.repa.encoders, info.resolution, device=ctx.device)
-        enc_dims = [e.embed_dim for e in encoders]
-    else:
-        from core.encoders import encoder_dim
-
-        enc_dims = [encoder_dim(s) for s in cfg.repa.encoders] if use_repa else []
+    enc_dims = [encoder_dim(s) for s in cfg.repa.encoders] if use_repa else []
 
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     model_kwargs = task.model_kwargs(info, enc_dims)
     model = task.build_model(model_kwargs)
+    encoders = []
+    if use_repa and not use_feats:  # one encoder patch per model token, whatever the encoder's patch size
+        grid = model_kwargs["input_size"] // model_kwargs["patch_size"]
+        encoders = load_encoders(cfg.repa.encoders, info.resolution, device=ctx.device, grid=grid)
     engine = create_engine(model, cfg.train, ds_config, ctx.device)
     ema = EMA(engine.module, cfg.train.ema_decay)
     objective = build_objective(cfg.objective)

@@ -198,3 +198,12 @@ def test_load_encoders_builds_each_spec():
     assert [e.name for e in encs] == ["dinov2-tiny", "siglip-tiny"]
     assert all(isinstance(e, TargetEncoder) and e.num_tokens == 1024 for e in encs)
     assert [e.name for e in load_encoders("clip-tiny", 32)] == ["clip-tiny"]
+
+
+@pytest.mark.parametrize("name", ["dinov2-tiny", "clip-tiny", "siglip-tiny"])
+def test_grid_sizes_input_to_the_model_token_grid(name):
+    """With the model's token grid given, every encoder yields grid^2 tokens (patch-16 ones included)."""
+    enc = load_encoder(name, 256, grid=16)
+    assert enc.input_size == enc.patch_size * 16 and enc.num_tokens == 256
+    out = enc(torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
+    assert out.shape == (1, 256, enc.embed_dim)
