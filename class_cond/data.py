@@ -5,7 +5,8 @@ import numpy as np
 import torch
 
 from core.latents import PixelAutoencoder
-from core.shards import ShardFormatError, decode_value, shard_name, write_manifest, write_shard
+from core.data import decode_training_sample
+from core.shards import decode_value, shard_name, write_manifest, write_shard
 
 
 def feature_key(encoder_name: str) -> str:
@@ -14,20 +15,9 @@ def feature_key(encoder_name: str) -> str:
 
 
 def decode_class_cond(raw: dict, need_image: bool, feature_keys: tuple[str, ...]) -> dict:
-    """Shard sample -> {"moments": (2C, h, w) float32, "label": int64, ["image": uint8 (3, H, W)],
-    ["feats": tuple of (N, D) float32]}. Raises ShardFormatError for a missing member."""
-    wanted = ["latent.npy", "cls"] + (["image.png"] if need_image else []) + list(feature_keys)
-    missing = [k for k in wanted if k not in raw]
-    if missing:
-        raise ShardFormatError(f"sample {raw.get('__key__')!r} has no {missing[0]!r} member")
-    out = {
-        "moments": torch.from_numpy(decode_value("latent.npy", raw["latent.npy"]).astype(np.float32)),
-        "label": torch.tensor(decode_value("cls", raw["cls"]), dtype=torch.long),
-    }
-    if need_image:
-        out["image"] = torch.from_numpy(decode_value("image.png", raw["image.png"]).copy()).permute(2, 0, 1)
-    if feature_keys:
-        out["feats"] = tuple(torch.from_numpy(decode_value(k, raw[k]).astype(np.float32)) for k in feature_keys)
+    """Shard sample -> {"moments": (2C, h, w) float32, "label": int64, ["image"], ["feats"]} (core/data.py)."""
+    out = decode_training_sample(raw, ("cls",), need_image, feature_keys)
+    out["label"] = torch.tensor(decode_value("cls", raw["cls"]), dtype=torch.long)
     return out
 
 

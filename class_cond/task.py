@@ -4,8 +4,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from core.config import (ConfigError, ObjectiveConfig, RepaConfig, RunConfig, TrainConfig, check_choice,
-                         validate_common)
+from core.config import (ObjectiveConfig, RepaConfig, RunConfig, TrainConfig, check_block, check_choice,
+                         check_prepared_dataset, validate_common)
 from core.data import SkippingDataset
 from core.dist import DistContext, barrier
 from core.shards import ShardReader, read_manifest
@@ -46,17 +46,9 @@ class ClassCondConfig:
         check_choice("model.preset", self.model.preset, tuple(SIT_PRESETS))
         check_choice("data.kind", self.data.kind, ("shards", "synthetic"))
         if self.data.kind == "shards":
-            if not self.data.path:
-                raise ConfigError("data.path is empty: name the prepared dataset directory (data_prep output)")
-            if not os.path.isdir(self.data.path):
-                raise ConfigError(f"data.path: directory {self.data.path!r} does not exist")
-            try:
-                read_manifest(self.data.path)
-            except ValueError as err:
-                raise ConfigError(f"data.path: {err}") from None
-        if self.repa.coeff > 0 and not 1 <= self.repa.depth <= SIT_PRESETS[self.model.preset]["depth"]:
-            raise ConfigError(f"repa.depth={self.repa.depth} is outside the {self.model.preset} model's blocks "
-                              f"1..{SIT_PRESETS[self.model.preset]['depth']}")
+            check_prepared_dataset("data.path", self.data.path, "class_cond", "data_prep.imagenet")
+        if self.repa.coeff > 0:
+            check_block("repa.depth", self.repa.depth, self.model.preset, SIT_PRESETS[self.model.preset]["depth"])
 
 
 class ClassCondTask:
@@ -86,9 +78,7 @@ class ClassCondTask:
 
     def model_kwargs(self, info: DataInfo, encoder_dims: list[int]) -> dict:
         """Every SiT constructor argument (JSON-serialisable): checkpoints record them so eval needs no data."""
-        c, h, w = info.latent_shape
-        if h != w:
-            raise ConfigError(f"latents of {info.root} are {h}x{w}; the model needs square latents")
+        c, h = info.square_latent()
         m = self.cfg.model
         return {**SIT_PRESETS[m.preset], "input_size": h, "in_channels": c,
                 "num_classes": int(info.manifest["num_classes"]), "repa_depth": self.cfg.repa.depth,

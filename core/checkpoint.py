@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from core.config import save_config
 from core.dist import barrier
-from core.shards import write_json_atomic
+from core.fileio import atomic_path, write_json_atomic, write_text_atomic
 
 TAG_RE = re.compile(r"^step_(\d{8,})$")
 
@@ -120,9 +120,7 @@ def save_checkpoint(run_dir: str, engine, ema, state: dict, cfg, rank: int, keep
             shutil.rmtree(final)
         os.replace(part, final)
         _fsync_dir(root)
-        with open(os.path.join(root, "latest.tmp"), "w") as f:
-            f.write(tag)
-        os.replace(os.path.join(root, "latest.tmp"), os.path.join(root, "latest"))
+        write_text_atomic(os.path.join(root, "latest"), tag)
         shutil.rmtree(staging, ignore_errors=True)
         for _, old in list_checkpoints(run_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
@@ -170,9 +168,8 @@ def export_ema(run_dir: str, out_path: str, ckpt_dir: str | None = None) -> str:
         config = yaml.safe_load(f)
     state = read_state(ckpt_dir)
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    tmp = f"{out_path}.tmp{os.getpid()}"
-    save_file(weights, tmp, metadata={"step": str(state["step"]), "source": os.path.abspath(ckpt_dir)})
-    os.replace(tmp, out_path)
+    with atomic_path(out_path) as tmp:
+        save_file(weights, tmp, metadata={"step": str(state["step"]), "source": os.path.abspath(ckpt_dir)})
     write_json_atomic(os.path.splitext(out_path)[0] + ".json",
                       {"step": state["step"], "model": state["model"], "latent": state["latent"], "config": config})
     return out_path

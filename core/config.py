@@ -247,10 +247,10 @@ def config_hash(cfg: Any, ignore: tuple[str, ...] = ("run.dir", "train.max_steps
 
 def save_config(cfg: Any, path: str) -> None:
     """Write the resolved config as YAML, atomically (a crash leaves the old file or the new one)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
+    from core.fileio import atomic_write
+
+    with atomic_write(path) as f:
         yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
-    os.replace(tmp, path)
 
 
 def check_positive(**values: float) -> None:
@@ -263,6 +263,28 @@ def check_positive(**values: float) -> None:
 def check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"{key}: {value!r} is not one of: {', '.join(choices)}")
+
+
+def check_prepared_dataset(key: str, path: str, kind: str, producer: str) -> None:
+    """ConfigError unless `path` (config key `key`) is a prepared dataset of manifest kind `kind`."""
+    from core.shards import read_manifest
+
+    if not path:
+        raise ConfigError(f"{key} is empty: name the prepared dataset directory ({producer} output)")
+    if not os.path.isdir(path):
+        raise ConfigError(f"{key}: directory {path!r} does not exist")
+    try:
+        manifest = read_manifest(path)
+    except ValueError as err:
+        raise ConfigError(f"{key}: {err}") from None
+    if manifest.get("kind", kind) != kind:
+        raise ConfigError(f"{key}: {path!r} is a {manifest.get('kind')!r} dataset, not {kind!r}")
+
+
+def check_block(key: str, depth: int, preset: str, blocks: int) -> None:
+    """ConfigError unless the 1-indexed block `depth` exists in a model of `blocks` blocks."""
+    if not 1 <= depth <= blocks:
+        raise ConfigError(f"{key}={depth} is outside the {preset} model's blocks 1..{blocks}")
 
 
 def validate_common(cfg: Any) -> None:

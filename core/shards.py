@@ -14,6 +14,8 @@ import time
 
 import numpy as np
 
+from core.fileio import atomic_write, write_json_atomic  # noqa: F401 (re-exported)
+
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 
@@ -68,45 +70,20 @@ def decode_value(ext: str, data: bytes):
 
 
 def write_shard(path: str, samples: list[dict]) -> None:
-    """Write `samples` (each {"__key__": str, ext: value}) as one tar shard, atomically.
-
-    The tar is written to a temporary name beside `path`, flushed to disk, then renamed, so an interrupted
-    write leaves no shard at `path` (and a previous shard there intact).
-    """
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-                for sample in samples:
-                    key = str(sample["__key__"])
-                    if "." in key or "/" in key:
-                        raise ShardFormatError(f"sample key {key!r} must not contain '.' or '/'")
-                    for ext, value in sample.items():
-                        if ext == "__key__":
-                            continue
-                        data = encode_value(ext, value)
-                        info = tarfile.TarInfo(f"{key}.{ext}")
-                        info.size, info.mtime, info.mode = len(data), 0, 0o644  # mtime 0: reproducible bytes
-                        tar.addfile(info, io.BytesIO(data))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def write_json_atomic(path: str, obj) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """Write `samples` (each {"__key__": str, ext: value}) as one tar shard, atomically (core/fileio.py): an
+    interrupted write leaves no shard at `path` (and a previous shard there intact)."""
+    with atomic_write(path, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for sample in samples:
+            key = str(sample["__key__"])
+            if "." in key or "/" in key:
+                raise ShardFormatError(f"sample key {key!r} must not contain '.' or '/'")
+            for ext, value in sample.items():
+                if ext == "__key__":
+                    continue
+                data = encode_value(ext, value)
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mtime, info.mode = len(data), 0, 0o644  # mtime 0: reproducible bytes
+                tar.addfile(info, io.BytesIO(data))
 
 
 def shard_name(index: int) -> str:

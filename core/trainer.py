@@ -63,6 +63,13 @@ class DataInfo:
     def resolution(self) -> int:
         return int(self.manifest["resolution"])
 
+    def square_latent(self) -> tuple[int, int]:
+        """(channels, side) of the dataset's latents; a ConfigError if they are not square."""
+        c, h, w = self.latent_shape
+        if h != w:
+            raise ConfigError(f"latents of {self.root} are {h}x{w}; the models need square latents")
+        return c, h
+
     def has_features(self, names: list[str]) -> bool:
         return bool(names) and all(n in self.manifest.get("features", []) for n in names)
 

@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from core.config import (ConfigError, ObjectiveConfig, RepaConfig, RunConfig, TrainConfig, check_choice,
-                         validate_common)
-from core.data import SkippingDataset
+from core.config import (ObjectiveConfig, RepaConfig, RunConfig, TrainConfig, check_block, check_choice,
+                         check_prepared_dataset, validate_common)
+from core.data import SkippingDataset, decode_training_sample
 from core.dist import DistContext, barrier
 from core.shards import ShardFormatError, ShardReader, decode_value, read_manifest
 from core.trainer import DataInfo
@@ -51,19 +51,9 @@ class T2IConfig:
         check_choice("model.preset", self.model.preset, tuple(MMDIT_PRESETS))
         check_choice("data.kind", self.data.kind, ("shards", "synthetic"))
         if self.data.kind == "shards":
-            if not self.data.path:
-                raise ConfigError("data.path is empty: name the prepared COCO dataset directory (data_prep.coco)")
-            if not os.path.isdir(self.data.path):
-                raise ConfigError(f"data.path: directory {self.data.path!r} does not exist")
-            try:
-                manifest = read_manifest(self.data.path)
-            except ValueError as err:
-                raise ConfigError(f"data.path: {err}") from None
-            if manifest.get("kind") != "t2i":
-                raise ConfigError(f"data.path: {self.data.path!r} is a {manifest.get('kind')!r} dataset, not t2i")
-        depth = MMDIT_PRESETS[self.model.preset]["depth"]
-        if self.repa.coeff > 0 and not 1 <= self.repa.depth <= depth:
-            raise ConfigError(f"repa.depth={self.repa.depth} is outside the {self.model.preset} model's blocks 1..{depth}")
+            check_prepared_dataset("data.path", self.data.path, "t2i", "data_prep.coco")
+        if self.repa.coeff > 0:
+            check_block("repa.depth", self.repa.depth, self.model.preset, MMDIT_PRESETS[self.model.preset]["depth"])
 
 
 def caption_index(seed: int, position: int, num_captions: int) -> int:
@@ -73,19 +63,11 @@ def caption_index(seed: int, position: int, num_captions: int) -> int:
 
 def decode_t2i(raw: dict, position: int, seed: int, need_image: bool, feature_keys: tuple[str, ...]) -> dict:
     """Shard sample -> {"moments": (2C, h, w), "context": (L, D) one caption's tokens, "caption_index": int,
-    ["image"], ["feats"]}."""
-    wanted = ["latent.npy", "txt_emb.npy"] + (["image.png"] if need_image else []) + list(feature_keys)
-    missing = [k for k in wanted if k not in raw]
-    if missing:
-        raise ShardFormatError(f"sample {raw.get('__key__')!r} has no {missing[0]!r} member")
+    ["image"], ["feats"]} (core/data.py)."""
+    out = decode_training_sample(raw, ("txt_emb.npy",), need_image, feature_keys)
     embeddings = decode_value("txt_emb.npy", raw["txt_emb.npy"])  # (K, L, D)
     k = caption_index(seed, position, embeddings.shape[0])
-    out = {"moments": torch.from_numpy(decode_value("latent.npy", raw["latent.npy"]).astype(np.float32)),
-           "context": torch.from_numpy(embeddings[k].astype(np.float32)), "caption_index": k}
-    if need_image:
-        out["image"] = torch.from_numpy(decode_value("image.png", raw["image.png"]).copy()).permute(2, 0, 1)
-    if feature_keys:
-        out["feats"] = tuple(torch.from_numpy(decode_value(k_, raw[k_]).astype(np.float32)) for k_ in feature_keys)
+    out.update(context=torch.from_numpy(embeddings[k].astype(np.float32)), caption_index=k)
     return out
 
 
@@ -127,9 +109,7 @@ class T2ITask:
                                lambda raw, position: decode_t2i(raw, position, seed, need_image, keys))
 
     def model_kwargs(self, info: DataInfo, encoder_dims: list[int]) -> dict:
-        c, h, w = info.latent_shape
-        if h != w:
-            raise ConfigError(f"latents of {info.root} are {h}x{w}; the model needs square latents")
+        c, h = info.square_latent()
         m = self.cfg.model
         return {**MMDIT_PRESETS[m.preset], "input_size": h, "in_channels": c,
                 "text_dim": int(self.null_context.shape[-1]), "repa_depth": self.cfg.repa.depth,

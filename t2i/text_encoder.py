@@ -15,6 +15,7 @@ A spec names the encoder, as the vision encoders' specs do (core/encoders.py):
 Captions are padded with the tokenizer's pad token and truncated to L = `max_length` tokens; no attention mask is
 passed (the causal mask keeps padding out of the caption tokens), as U-ViT's FrozenCLIPEmbedder.
 """
+import core  # noqa: F401  (torchvision import fix first)
 import contextlib
 import gzip
 import os
