@@ -2,8 +2,9 @@
 
 A spec names the encoder, as the vision encoders' specs do (core/encoders.py):
 
-    clip-l                  CLIP ViT-L/14 text (transformers CLIPTextModel + CLIPTokenizer, openai/clip-vit-large-patch14):
-                            the last hidden state, 77 tokens x 768, as U-ViT and the REPA T2I setup (App. K)
+    clip-l                  CLIP ViT-L/14 text (transformers CLIPTextModel + CLIPTokenizer from
+                            openai/clip-vit-large-patch14): the last hidden state, 77 tokens x 768, as U-ViT
+                            and the REPA T2I setup (App. K)
     clip-l@SOURCE           the same model from a local directory or hub id (must be 768 wide)
     clip@SOURCE             any transformers CLIP text model + tokenizer at SOURCE (width from its config)
     openclip:ARCH[@SOURCE]  an open_clip text tower (ARCH e.g. ViT-bigG-14; SOURCE a pretrained tag or a local
@@ -17,6 +18,7 @@ passed (the causal mask keeps padding out of the caption tokens), as U-ViT's Fro
 """
 import core  # noqa: F401  (torchvision import fix first)
 import contextlib
+import functools
 import gzip
 import os
 from typing import Optional, Sequence, Union
@@ -147,10 +149,11 @@ def _hf_clip(spec: str, source: str) -> TextEncoder:
     return HFClipTextEncoder(spec, model, tokenizer, max_length=min(77, model.config.max_position_embeddings))
 
 
+@functools.lru_cache(maxsize=1)
 def clip_bpe_tokenizer():
     """The CLIP BPE tokenizer (transformers CLIPTokenizer, 49408 tokens) built offline from open_clip's bundled
     BPE merges, as OpenAI's CLIP builds its vocabulary: 256 byte symbols, the same with '</w>', the merges, then
-    <|startoftext|> (49406) and <|endoftext|> (49407)."""
+    <|startoftext|> (49406) and <|endoftext|> (49407). Built once per process (~2 s) and shared: do not modify."""
     from open_clip.tokenizer import bytes_to_unicode, default_bpe
     from transformers import CLIPTokenizer
 

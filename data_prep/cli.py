@@ -1,0 +1,128 @@
+"""The command-line options data_prep.imagenet and data_prep.coco share, model building, and the multi-process run.
+
+Processes come from `accelerate launch` (or one plain `python -m` process): accelerate's PartialState gives the
+rank, the world size, the device and the barrier before the manifest.
+"""
+import core  # noqa: F401  (torchvision import fix first)
+import argparse
+import logging
+import os
+import sys
+
+import torch
+
+from core.latents import DEFAULT_VAE, build_autoencoder
+from data_prep.pipeline import Job, Models, PrepError, check_job_record, prepare_rank
+
+log = logging.getLogger("data_prep")
+
+
+def common_parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", required=True, help="dataset directory to write (FORMATS.md)")
+    p.add_argument("--resolution", type=int, default=256, help="image size in px (the paper: 256 or 512)")
+    p.add_argument("--vae", default=DEFAULT_VAE,
+                   help="AutoencoderKL hub id or local path, or pixel-s2dF (weight-free, for tests and demos)")
+    p.add_argument("--features", nargs="*", default=[], metavar="ENCODER",
+                   help="precompute patch tokens of these REPA encoders (core/encoders.py names, NAME[@SOURCE])")
+    p.add_argument("--store-images", action="store_true",
+                   help="also store the cropped uint8 image (needed by a REPA encoder that runs at train time)")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    p.add_argument("--batch-size", type=int, default=64, help="images per encoder forward")
+    p.add_argument("--workers", type=int, default=None,
+                   help="image decoding processes per rank (default: the rank's share of the CPU cores, at most 16)")
+    p.add_argument("--limit", type=int, default=None, help="use only N inputs, spread evenly (smoke runs)")
+    return p
+
+
+def spread(items: list, limit) -> list:
+    """`limit` items spread evenly over `items` (all of them without a limit)."""
+    if limit is None or limit >= len(items):
+        return items
+    if limit <= 0:
+        raise PrepError(f"--limit must be positive, got {limit}")
+    return [items[i * len(items) // limit] for i in range(limit)]
+
+
+def check_common(args) -> None:
+    if args.resolution < 8 or args.resolution % 8:
+        raise PrepError(f"--resolution must be a positive multiple of 8, got {args.resolution}")
+    if args.shard_size < 1 or args.batch_size < 1:
+        raise PrepError("--shard-size and --batch-size must be positive")
+    if getattr(args, "flip", False) and args.shard_size % 2:
+        raise PrepError(f"--shard-size must be even with --flip (an image and its flip share a shard), "
+                        f"got {args.shard_size}")
+    from core.encoders import parse_encoder_spec
+
+    for spec in args.features:
+        parse_encoder_spec(spec)  # ValueError listing the valid names
+    if not args.features and not args.store_images:
+        log.warning("neither --store-images nor --features: REPA training on this dataset will have no target "
+                    "encoder input (fine for training without REPA)")
+
+
+def feature_names(specs: list) -> list:
+    from core.encoders import parse_encoder_spec
+
+    return [parse_encoder_spec(s)[0] for s in specs]
+
+
+def build_models(args, device, text_encoder: str = None) -> Models:
+    from core.encoders import load_encoder
+
+    models = Models(build_autoencoder(args.vae, device))
+    models.encoders = [(name, load_encoder(spec, args.resolution, device))
+                       for name, spec in zip(feature_names(args.features), args.features)]
+    if text_encoder:
+        from t2i.text_encoder import load_text_encoder
+
+        models.text = load_text_encoder(text_encoder, device)
+    return models
+
+
+def default_workers(world: int) -> int:
+    return max(0, min(16, (os.cpu_count() or 1) // max(1, world) - 1))
+
+
+def run_job(job: Job, make_models, finish, single_process: bool = False) -> int:
+    """Prepare `job` on every process of the launch, then (main process) `finish(job, models)` writes the
+    manifest. `make_models(device) -> Models`. `single_process`: do all shards here, ignoring any launcher
+    environment (for a caller that is itself one rank of a distributed program). Returns the exit code."""
+    if single_process:
+        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        rank, world, is_main, barrier = 0, 1, True, lambda: None
+    else:
+        from accelerate import PartialState
+
+        # cpu=True when there is no GPU: accelerate then joins the processes with gloo (its default expects CUDA)
+        state = PartialState(cpu=not torch.cuda.is_available())
+        rank, world, device = state.process_index, state.num_processes, state.device
+        is_main, barrier = state.is_main_process, state.wait_for_everyone
+        if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))  # no oversubscription between ranks
+    if job.workers is None:
+        job.workers = default_workers(world)
+    os.makedirs(job.out, exist_ok=True)
+    if is_main:
+        check_job_record(job, write=True)
+    barrier()
+    check_job_record(job, write=False)
+    models = make_models(device)
+    log.info("rank %d of %d on %s: %d shards of %d samples in all", rank, world, device, job.num_shards,
+             job.shard_size)
+    prepare_rank(job, models, rank, world, device, progress=is_main)
+    barrier()  # the manifest is written after every process has finished its shards
+    if is_main:
+        finish(job, models)
+    barrier()
+    return 0
+
+
+def main_guard(main, argv=None) -> int:
+    """Run `main(argv)`: clear one-line errors (exit code 2) for bad arguments, inputs and earlier runs."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return main(argv)
+    except (PrepError, ValueError, FileNotFoundError, NotADirectoryError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2

@@ -1,0 +1,141 @@
+"""MS-COCO (images + a captions_*.json annotation file) -> text-to-image shards (FORMATS.md).
+
+    accelerate launch -m data_prep.coco --images /data/coco/train2014 \
+        --captions /data/coco/annotations/captions_train2014.json --out /data/coco256 --resolution 256
+    python -m data_prep.coco --images DIR --captions captions_val2014.json --out DIR --limit 64   # CPU smoke run
+
+Images in sorted image-id order through pycocotools; every caption of an image (in annotation-id order) is
+kept: member captions.json (K strings) and txt_emb.npy (K, L, D) float16 token embeddings. The empty caption's
+embedding is written once per dataset. The val split also writes the caption list for FID generation and the
+Inception statistics of the real val images at the dataset resolution (eval/fid.py).
+"""
+import core  # noqa: F401  (torchvision import fix first)
+import os
+
+import numpy as np
+
+from core.fileio import atomic_write, write_json_atomic
+from data_prep.cli import (build_models, check_common, common_parser, feature_names, main_guard, run_job,
+                           spread)
+from data_prep.pipeline import Item, Job, PrepError, finish_manifest, log
+
+NULL_EMBEDDING = "empty_caption_emb.npy"  # float16 (L, D): the empty caption's embedding, the CFG null condition
+FID_CAPTIONS = "fid_captions.json"  # val: [{"image_id", "file_name", "captions"}] of the prepared images
+
+
+def list_coco(images: str, captions: str) -> tuple[list, dict]:
+    """-> (items in sorted image-id order, input counts). Images without a caption are items marked
+    skip="no_caption"; annotations naming an image id the file does not list are counted as orphans."""
+    if not os.path.isfile(captions):
+        raise PrepError(f"--captions {captions!r}: no such annotation file (e.g. annotations/captions_train2014.json)")
+    if not os.path.isdir(images):
+        raise PrepError(f"--images {images!r} is not a directory")
+    from pycocotools.coco import COCO
+
+    try:
+        coco = COCO(captions)
+    except (ValueError, KeyError, TypeError, AssertionError) as e:  # json.JSONDecodeError is a ValueError
+        raise PrepError(f"--captions {captions!r} is not a COCO captions file: {type(e).__name__}: {e}") from None
+    if not coco.imgs:
+        raise PrepError(f"--captions {captions!r} lists no images")
+    items = []
+    for img_id in sorted(coco.imgs):
+        info = coco.imgs[img_id]
+        anns = sorted(coco.imgToAnns.get(img_id, []), key=lambda a: a["id"])
+        caps = [str(a.get("caption", "")).strip() for a in anns]
+        caps = [c for c in caps if c]
+        items.append(Item(f"{img_id:012d}", os.path.join(os.path.abspath(images), info["file_name"]), captions=caps,
+                          skip=None if caps else "no_caption"))
+    orphans = sum(1 for a in coco.anns.values() if a.get("image_id") not in coco.imgs)
+    counts = {"images": len(coco.imgs), "captions": len(coco.anns), "orphan_captions": orphans}
+    return items, counts
+
+
+def parser():
+    p = common_parser("MS-COCO images + captions -> text-to-image latent shards (data_prep/FORMATS.md)")
+    p.add_argument("--images", required=True, help="image folder, e.g. /data/coco/train2014")
+    p.add_argument("--captions", required=True, help="COCO captions file, e.g. annotations/captions_train2014.json")
+    p.add_argument("--split", choices=("train", "val"), default=None,
+                   help="val also writes the FID caption list and reference statistics (default: from the file name)")
+    p.add_argument("--text-encoder", default="clip-l", help="t2i/text_encoder.py spec (clip-l: CLIP ViT-L/14 text)")
+    p.add_argument("--fid-features", choices=("inception", "proxy", "none"), default="inception",
+                   help="val: feature extractor of the reference statistics (proxy: an offline stand-in, labelled)")
+    p.add_argument("--inception-weights", default=None, help="local Inception weights for eval/fid.py (offline)")
+    return p
+
+
+def make_job(args) -> tuple[Job, dict]:
+    from t2i.text_encoder import parse_text_encoder_spec
+
+    check_common(args)
+    parse_text_encoder_spec(args.text_encoder)  # ValueError naming the valid forms, before any work
+    if args.split is None:
+        args.split = "val" if "val" in os.path.basename(args.captions) else "train"
+    items, counts = list_coco(args.images, args.captions)
+    items = spread(items, args.limit)
+    record = {"kind": "t2i", "source": os.path.abspath(args.images), "captions": os.path.abspath(args.captions),
+              "split": args.split, "vae": args.vae, "features": list(args.features),
+              "text_encoder": args.text_encoder}
+    job = Job(args.out, items, args.resolution, args.shard_size, False, args.store_images, args.batch_size,
+              args.workers, record)
+    return job, counts
+
+
+def write_null_embedding(out: str, text_encoder) -> None:
+    emb = text_encoder.encode([""])[0].cpu().numpy().astype(np.float16)
+    with atomic_write(os.path.join(out, NULL_EMBEDDING), "wb") as f:
+        np.save(f, emb, allow_pickle=False)
+
+
+def write_fid_captions(job: Job, skipped_files: dict) -> int:
+    """The caption list for FID generation: the prepared (not skipped) images with their captions."""
+    entries = [{"image_id": int(it.key), "file_name": os.path.basename(it.path), "captions": it.captions}
+               for it in job.items if it.path not in skipped_files]
+    write_json_atomic(os.path.join(job.out, FID_CAPTIONS), entries)
+    return len(entries)
+
+
+def main(argv=None, single_process: bool = False) -> int:
+    """The command line; `single_process` ignores a launcher's environment (see cli.run_job)."""
+    args = parser().parse_args(argv)
+    job, counts = make_job(args)
+    extractor, is_main = None, single_process or int(os.environ.get("RANK", "0")) == 0
+    if args.split == "val" and args.fid_features != "none" and is_main:
+        from data_prep.fid_ref import build_fid_extractor
+
+        extractor = build_fid_extractor(args.fid_features, args.inception_weights)  # fails fast, before the work
+    if is_main:
+        print(f"{args.captions}: {counts['images']} images, {counts['captions']} captions"
+              + (f", {counts['orphan_captions']} captions of unlisted image ids (ignored)" if counts["orphan_captions"]
+                 else "")
+              + f" -> {len(job.items)} images, {job.num_shards} shards of {job.shard_size} at {args.resolution} px "
+              f"({args.split} split)")
+
+    def before_manifest(models, totals: dict) -> dict:
+        write_null_embedding(job.out, models.text)
+        extra = {"null_text_embedding": NULL_EMBEDDING}
+        if args.split == "val":
+            extra["fid_captions"] = FID_CAPTIONS
+            write_fid_captions(job, totals["skipped_files"])
+            if extractor is not None:
+                from data_prep.fid_ref import write_fid_stats
+
+                extra["fid_stats"] = write_fid_stats(job, extractor, totals["skipped_files"])
+        return extra
+
+    def finish(job, models):
+        L, D = models.text.max_length, models.text.dim
+        finish_manifest(job, "t2i", models.autoencoder, feature_names(args.features),
+                        {"split": args.split, "text_encoder": models.text.id,
+                         "text_embedding": {"shape": [L, D], "dtype": "float16"}, "input_counts": counts},
+                        before_manifest=lambda totals: before_manifest(models, totals))
+
+    if counts["orphan_captions"]:
+        log.warning("%d captions name image ids that %s does not list; they are ignored",
+                    counts["orphan_captions"], args.captions)
+    make_models = lambda device: build_models(args, device, text_encoder=args.text_encoder)  # noqa: E731
+    return run_job(job, make_models, finish, single_process)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main_guard(main))

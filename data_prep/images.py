@@ -1,0 +1,53 @@
+"""Image loading and the ADM centre crop, shared by data preparation and evaluation (reference images for FID).
+
+Bad inputs never raise here: `load_image` reports an unreadable or truncated file as a reason string, and a
+non-RGB file (CMYK, greyscale, palette, with alpha) as converted, naming its original mode.
+"""
+import core  # noqa: F401  (torchvision import fix first)
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+from PIL import Image
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm")
+
+
+def center_crop_arr(image: Image.Image, size: int) -> np.ndarray:
+    """ADM's centre crop (guided-diffusion, used by DiT/SiT/REPA): halve with BOX while the short side is at least
+    2 * size, resize with BICUBIC so the short side is `size`, then crop the centre. -> uint8 (size, size, C)."""
+    while min(*image.size) >= 2 * size:
+        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
+    scale = size / min(*image.size)
+    image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.BICUBIC)
+    arr = np.asarray(image)
+    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
+    return arr[top:top + size, left:left + size]
+
+
+@dataclass
+class Loaded:
+    """One input image after loading: `image` uint8 (size, size, 3) or None when skipped (`skip` says why);
+    `converted` is the original PIL mode when it was not RGB."""
+
+    image: Optional[np.ndarray]
+    skip: Optional[str] = None
+    converted: Optional[str] = None
+
+
+def load_image(path: str, size: int) -> Loaded:
+    """Read `path`, convert to RGB, ADM-centre-crop to `size` px. Missing, unreadable or truncated files are
+    reported in `Loaded.skip` ("missing_file" or "unreadable: <error>"), never raised."""
+    try:
+        with Image.open(path) as im:
+            im.load()  # decodes fully: a truncated file raises here, not later
+            mode = im.mode
+            rgb = im if mode == "RGB" else im.convert("RGB")  # as the reference: PIL's conversion, alpha dropped
+            arr = center_crop_arr(rgb, size)
+    except FileNotFoundError:
+        return Loaded(None, "missing_file")
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
+        return Loaded(None, f"unreadable: {type(e).__name__}: {e}")
+    if arr.shape != (size, size, 3):
+        return Loaded(None, f"unreadable: decoded to shape {arr.shape}")
+    return Loaded(np.ascontiguousarray(arr), None, None if mode == "RGB" else mode)

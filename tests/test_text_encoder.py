@@ -1,0 +1,74 @@
+"""t2i/text_encoder.py: spec parsing, the tiny CLIP / OpenCLIP text encoders, loading a saved CLIP text model."""
+import core  # noqa: F401
+
+import pytest
+import torch
+
+from t2i.text_encoder import clip_bpe_tokenizer, load_text_encoder, parse_text_encoder_spec
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_text_encoder("clip-tiny")
+
+
+def test_offline_clip_tokenizer_matches_open_clip():
+    from open_clip.tokenizer import SimpleTokenizer
+
+    tok = clip_bpe_tokenizer()
+    assert len(tok) == 49408 and (tok.bos_token_id, tok.eos_token_id) == (49406, 49407)
+    text = "A photo of two cats, sleeping on a sofa!"
+    ids = tok([text], padding="max_length", max_length=77, truncation=True)["input_ids"][0]
+    ref = SimpleTokenizer()([text])[0].tolist()
+    n = ref.index(49407) + 1
+    assert ids[:n] == ref[:n] and ids[n:] == [49407] * (77 - n)  # HF CLIP pads with <|endoftext|>
+
+
+def test_clip_tiny_shapes_and_determinism(tiny):
+    caps = ["a red circle above a blue square", "", "word " * 200]
+    x = tiny.encode(caps)
+    assert x.shape == (3, 77, 32) and x.dtype == torch.float32 and torch.isfinite(x).all()
+    assert (tiny.id, tiny.dim, tiny.max_length) == ("clip-tiny", 32, 77)
+    assert torch.equal(load_text_encoder("clip-tiny").encode(caps), x)  # seeded random init
+    assert torch.equal(tiny.encode(caps[:1])[0], x[0])  # batch-independent
+    assert not torch.allclose(x[0], x[1])
+    assert tiny.encode([]).shape == (0, 77, 32)
+    with pytest.raises(TypeError, match="list of caption strings"):
+        tiny.encode("a single string")
+
+
+def test_clip_from_saved_directory(tiny, tmp_path):
+    tiny.model.save_pretrained(tmp_path / "clip")
+    tiny.tokenizer.save_pretrained(tmp_path / "clip")
+    loaded = load_text_encoder(f"clip@{tmp_path / 'clip'}")
+    caps = ["a photo of a cat", "two dogs"]
+    assert loaded.id == f"clip@{tmp_path / 'clip'}" and loaded.dim == 32
+    assert torch.allclose(loaded.encode(caps), tiny.encode(caps), atol=1e-6)
+    with pytest.raises(ValueError, match="is 32 wide, but CLIP ViT-L/14 text is 768"):
+        load_text_encoder(f"clip-l@{tmp_path / 'clip'}")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_text_encoder(f"clip-l@{tmp_path / 'missing'}")
+
+
+def test_openclip_tiny():
+    enc = load_text_encoder("openclip-tiny")
+    x = enc.encode(["a photo of a cat", ""])
+    assert x.shape == (2, 77, 32) and x.dtype == torch.float32 and (enc.dim, enc.max_length) == (32, 77)
+    assert not torch.allclose(x[0], x[1])
+    assert torch.equal(load_text_encoder("openclip-tiny").encode(["a photo of a cat"])[0], x[0])
+
+
+@pytest.mark.parametrize("spec,match", [
+    ("t5-xxl", "unknown text encoder"), ("openclip", "needs an architecture"), ("clip-l:ViT-L-14", "take none"),
+    ("clip-tiny@/x", "random-init"), ("clip", "needs @SOURCE"), ("openclip:NoSuchArch", "not an open_clip model"),
+])
+def test_bad_specs(spec, match):
+    with pytest.raises(ValueError, match=match):
+        load_text_encoder(spec)
+
+
+def test_spec_parsing():
+    assert parse_text_encoder_spec("clip-l") == ("clip-l", None, None)
+    assert parse_text_encoder_spec("clip-l@/w/clip") == ("clip-l", None, "/w/clip")
+    assert parse_text_encoder_spec("openclip:ViT-bigG-14@laion2b_s39b_b160k") == \
+        ("openclip", "ViT-bigG-14", "laion2b_s39b_b160k")
