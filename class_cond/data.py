@@ -41,7 +41,7 @@ def synthetic_image(label: int, rng: np.random.Generator, resolution: int) -> np
 
 
 def make_synthetic_class_cond(root: str, num_samples: int, num_classes: int, resolution: int, seed: int = 0,
-                              factor: int = 4, shard_size: int = 256) -> dict:
+                              factor: int = 2, shard_size: int = 256) -> dict:
     """Write a class-conditional dataset of generated images in the shard format and return its manifest.
 
     Latents come from the exact pixel space-to-depth autoencoder (no weights needed); images are stored too, so

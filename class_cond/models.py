@@ -158,7 +158,7 @@ _SIZES = {
 # Architecture only; input size, classes and REPA settings come from the run config.
 SIT_PRESETS: dict[str, dict] = {
     **{f"{size}/{p}": {**arch, "patch_size": p} for size, arch in _SIZES.items() for p in (2, 4, 8)},
-    "tiny": dict(depth=4, hidden_size=64, num_heads=4, patch_size=2),  # CPU tests and debug runs
+    "tiny": dict(depth=4, hidden_size=128, num_heads=4, patch_size=2),  # CPU tests and debug runs
 }
 
 

@@ -157,7 +157,7 @@ def load_checkpoint(ckpt_dir: str, engine, ema, rank: int, world_size: int) -> d
 def export_ema(run_dir: str, out_path: str, ckpt_dir: str | None = None) -> str:
     """Copy the EMA weights of a run's newest (or given) checkpoint to `out_path` (safetensors) and write
     `out_path` with .json: step, the model's task and constructor arguments, the latent space (autoencoder,
-    scale) and the resolved config, so eval can rebuild the model without the training data. Returns out_path."""
+    scale), the training data's identity (kind, resolution, text encoder) and the resolved config, so eval can rebuild the model without the training data. Returns out_path."""
     import yaml
 
     ckpt_dir = ckpt_dir or latest_checkpoint(run_dir)
@@ -171,7 +171,8 @@ def export_ema(run_dir: str, out_path: str, ckpt_dir: str | None = None) -> str:
     with atomic_path(out_path) as tmp:
         save_file(weights, tmp, metadata={"step": str(state["step"]), "source": os.path.abspath(ckpt_dir)})
     write_json_atomic(os.path.splitext(out_path)[0] + ".json",
-                      {"step": state["step"], "model": state["model"], "latent": state["latent"], "config": config})
+                      {"step": state["step"], "model": state["model"], "latent": state["latent"],
+                       "data": state.get("data", {}), "config": config})
     return out_path
 
 

@@ -63,6 +63,11 @@ class DataInfo:
     def resolution(self) -> int:
         return int(self.manifest["resolution"])
 
+    def identity(self) -> dict:
+        """What eval needs to know of the training data: kind, resolution, text encoder (t2i), classes."""
+        keys = ("kind", "resolution", "num_classes", "text_encoder", "text_embedding")
+        return {"path": os.path.abspath(self.root), **{k: self.manifest[k] for k in keys if k in self.manifest}}
+
     def square_latent(self) -> tuple[int, int]:
         """(channels, side) of the dataset's latents; a ConfigError if they are not square."""
         c, h, w = self.latent_shape
@@ -170,11 +175,12 @@ def train(cfg, task: Task) -> int:
 
     state = {"step": 0, "skipped_steps": 0, "corrupt_samples": 0, "config_hash": config_hash(cfg),
              "world_size": ctx.world_size, "model": {"task": task.name, "kwargs": model_kwargs},
-             "latent": info.manifest["latent"]}
+             "latent": info.manifest["latent"], "data": info.identity()}
     if resume_from is not None:
         state.update(ckpt.load_checkpoint(resume_from, engine, ema, ctx.rank, ctx.world_size))
         state.update(config_hash=config_hash(cfg), world_size=ctx.world_size,
-                     model={"task": task.name, "kwargs": model_kwargs}, latent=info.manifest["latent"])
+                     model={"task": task.name, "kwargs": model_kwargs}, latent=info.manifest["latent"],
+                     data=info.identity())
         apply_optimizer_settings(engine, cfg.train)  # the optimizer state restores the saved lr/betas otherwise
         if ctx.is_main:
             tqdm.write(f"resumed from {resume_from} at step {state['step']}")

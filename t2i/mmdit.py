@@ -16,7 +16,7 @@ from core.layers import (FinalLayer, Mlp, PatchEmbed, TimestepEmbedder, attentio
 from core.repa import build_projector
 
 MMDIT_PRESETS: dict[str, dict] = {
-    "tiny": dict(depth=4, hidden_size=64, num_heads=4, patch_size=2),
+    "tiny": dict(depth=4, hidden_size=128, num_heads=4, patch_size=2),
     "base": dict(depth=24, hidden_size=768, num_heads=12, patch_size=2),  # App. K: the COCO 256 px model
     "large": dict(depth=24, hidden_size=1024, num_heads=16, patch_size=2),  # for 512 px (64x64 latents)
 }

@@ -34,7 +34,7 @@ class T2IDataConfig:
     synthetic_samples: int = 512
     synthetic_resolution: int = 32
     synthetic_text_encoder: str = "clip-tiny"  # the generated set's caption encoder (random-init offline)
-    synthetic_autoencoder: str = "pixel-s2d4"
+    synthetic_autoencoder: str = "pixel-s2d2"  # 32 px -> 12x16x16 exact pixel "latents"
 
 
 @dataclass

@@ -21,6 +21,7 @@ from core.layers import (
 REFERENCE_KEYS = Path("/work/shared/reference/repa_sit_keys.txt")
 NUM_CLASSES = 10
 # 8x8 latents, patch 2 -> 16 tokens; two encoders of different widths.
+H = SIT_PRESETS["tiny"]["hidden_size"]
 TINY = dict(input_size=8, num_classes=NUM_CLASSES, encoder_dims=(16, 8), projector_dim=32, repa_depth=2)
 
 
@@ -67,7 +68,7 @@ def test_presets_are_data():
     assert SIT_PRESETS["B/4"] == dict(depth=12, hidden_size=768, num_heads=12, patch_size=4)
     assert SIT_PRESETS["L/8"] == dict(depth=24, hidden_size=1024, num_heads=16, patch_size=8)
     assert SIT_PRESETS["S/2"] == dict(depth=12, hidden_size=384, num_heads=6, patch_size=2)
-    assert SIT_PRESETS["tiny"] == dict(depth=4, hidden_size=64, num_heads=4, patch_size=2)
+    assert SIT_PRESETS["tiny"] == dict(depth=4, hidden_size=128, num_heads=4, patch_size=2)
     assert len(tiny_model(depth=2).blocks) == 2  # overrides win over the preset
 
 
@@ -100,7 +101,7 @@ def test_first_block_gets_tokens_plus_pos_embed_and_t_plus_y():
     model.blocks[0].register_forward_pre_hook(lambda mod, args: seen.update(x=args[0], c=args[1]))
     x, t, y = tiny_inputs(model)
     model(x, t, y)
-    torch.testing.assert_close(seen["x"], model.x_embedder(x) + get_2d_sincos_pos_embed(64, 4)[None])
+    torch.testing.assert_close(seen["x"], model.x_embedder(x) + get_2d_sincos_pos_embed(H, 4)[None])
     torch.testing.assert_close(seen["c"], model.t_embedder(t) + model.y_embedder(y))
 
 
@@ -135,14 +136,14 @@ def test_initialization_follows_dit():
         assert torch.equal(mod.adaLN_modulation[-1].weight, torch.zeros_like(mod.adaLN_modulation[-1].weight))
     assert torch.equal(model.final_layer.linear.weight, torch.zeros_like(model.final_layer.linear.weight))
     qkv = model.blocks[0].attn.qkv.weight  # xavier-uniform bound sqrt(6 / (fan_in + fan_out))
-    assert 0.95 * math.sqrt(6 / (64 + 192)) < qkv.abs().max() <= math.sqrt(6 / (64 + 192))
+    assert 0.95 * math.sqrt(6 / (H + 3 * H)) < qkv.abs().max() <= math.sqrt(6 / (H + 3 * H))
     proj = model.projectors[0][0].weight
-    assert 0.9 * math.sqrt(6 / (64 + 32)) < proj.abs().max() <= math.sqrt(6 / (64 + 32))
-    patch = model.x_embedder.proj.weight  # xavier on the (64, 4*2*2) view
-    assert 0.9 * math.sqrt(6 / (64 + 16)) < patch.abs().max() <= math.sqrt(6 / (64 + 16))
+    assert 0.9 * math.sqrt(6 / (H + 32)) < proj.abs().max() <= math.sqrt(6 / (H + 32))
+    patch = model.x_embedder.proj.weight  # xavier on the (H, 4*2*2) view
+    assert 0.9 * math.sqrt(6 / (H + 16)) < patch.abs().max() <= math.sqrt(6 / (H + 16))
     assert model.t_embedder.mlp[2].weight.std().item() == pytest.approx(0.02, rel=0.1)
     assert model.y_embedder.embedding_table.weight.std().item() == pytest.approx(0.02, rel=0.1)
-    torch.testing.assert_close(model.pos_embed, get_2d_sincos_pos_embed(64, 4)[None], rtol=0, atol=0)
+    torch.testing.assert_close(model.pos_embed, get_2d_sincos_pos_embed(H, 4)[None], rtol=0, atol=0)
 
 
 def test_grad_checkpointing_same_output_and_grads():

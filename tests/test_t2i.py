@@ -70,7 +70,8 @@ def test_last_block_text_stream_is_pre_only():
     m = model()
     last, first = m.blocks[-1].context_block, m.blocks[0].context_block
     assert last.pre_only and not hasattr(last, "mlp") and not hasattr(last, "proj")
-    assert last.adaLN_modulation[-1].out_features == 2 * 64 and first.adaLN_modulation[-1].out_features == 6 * 64
+    h = MMDIT_PRESETS["tiny"]["hidden_size"]
+    assert last.adaLN_modulation[-1].out_features == 2 * h and first.adaLN_modulation[-1].out_features == 6 * h
     full = model(pre_only_last=False)
     assert not full.blocks[-1].context_block.pre_only
 

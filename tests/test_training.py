@@ -39,12 +39,12 @@ def test_two_rank_training_learns(tmp_path, tiny_args, launcher, zero):
     # the export alone rebuilds the model: constructor arguments and latent space are recorded beside it
     meta = json.load(open(run / "export" / "ema.json"))
     assert meta["step"] == 60 and meta["model"]["task"] == "class_cond"
-    assert meta["latent"]["autoencoder"] == "pixel-s2d4" and meta["config"]["model"]["preset"] == "tiny"
+    assert meta["latent"]["autoencoder"] == "pixel-s2d2" and meta["config"]["model"]["preset"] == "tiny"
     from class_cond.models import build_sit
 
     model = build_sit(meta["model"]["kwargs"])
     model.load_state_dict(ema, strict=True)
-    assert model.y_embedder.embedding_table.num_embeddings == 4 + 1 and model.input_size == 8
+    assert model.y_embedder.embedding_table.num_embeddings == 4 + 1 and model.input_size == 16
 
 
 def _kill_tree(proc):

@@ -1,0 +1,74 @@
+"""The text-to-image task for eval.generate: MMDiT from a checkpoint record, captions of a prepared val split.
+
+    accelerate launch -m eval.generate --run runs/coco --cond-file /data/coco256/val --sampler sde --steps 250 \
+        --cfg 2.0 --num-samples 30000 --out samples/coco_sde
+
+Captions follow the U-ViT protocol the paper uses (App. K): sample i takes the i-th (image, caption) pair of a
+seeded random permutation of all val pairs (30K of the 202K COCO val captions). Their CLIP token embeddings are
+the ones data_prep.coco stored in the val shards, so no text encoder runs at generation time; the null condition
+is the empty caption's embedding stored beside them.
+"""
+import json
+import os
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from core.shards import ShardReader, decode_value, read_manifest
+from eval.tasks import EvalTask, register_task
+from t2i.mmdit import build_mmdit
+from t2i.task import load_null_context
+
+CAPTION_SEED = 0  # fixed: every evaluation of every run sees the same captions
+
+
+class CaptionConditioner:
+    """Conditions of sample indices from a prepared val split (options["cond_file"]: its directory)."""
+
+    def __init__(self, meta: dict, options: dict):
+        root = options.get("cond_file")
+        if not root:
+            raise ValueError("the t2i task needs --cond-file: the prepared val split of data_prep.coco "
+                             "(its directory, holding fid_captions.json and the shards)")
+        self.root, self.manifest = root, read_manifest(root)
+        if self.manifest.get("kind") != "t2i" or "fid_captions" not in self.manifest:
+            raise ValueError(f"--cond-file {root!r} is not a val split prepared by data_prep.coco --split val")
+        trained_with = meta.get("data", {}).get("text_encoder")
+        if trained_with and trained_with != self.manifest.get("text_encoder"):
+            raise ValueError(f"the run was trained on {trained_with!r} caption embeddings but {root!r} holds "
+                             f"{self.manifest.get('text_encoder')!r} ones")
+        with open(os.path.join(root, self.manifest["fid_captions"])) as f:
+            entries = json.load(f)
+        self.reader = ShardReader(root)
+        by_id = {int(key): i for i, (_, key, _) in enumerate(self.reader.entries) if not key.endswith("_flip")}
+        self.pairs = [(by_id[e["image_id"]], k, e["captions"][k]) for e in entries if e["image_id"] in by_id
+                      for k in range(len(e["captions"]))]
+        if not self.pairs:
+            raise ValueError(f"--cond-file {root!r}: no captioned images in its shards")
+        self.order = np.random.default_rng(CAPTION_SEED).permutation(len(self.pairs))
+        self.null_context = load_null_context(root, self.manifest)
+        self.num_available = len(self.pairs)
+
+    def pair(self, i: int) -> tuple[int, int, str]:
+        return self.pairs[self.order[i % len(self.pairs)]]
+
+    def captions(self, indices: Sequence[int]) -> list[str]:
+        return [self.pair(i)[2] for i in indices]
+
+    def cond(self, indices: Sequence[int], device: torch.device) -> dict:
+        rows = []
+        for i in indices:
+            sample, k, _ = self.pair(i)
+            rows.append(decode_value("txt_emb.npy", self.reader[sample]["txt_emb.npy"])[k].astype(np.float32))
+        return {"context": torch.from_numpy(np.stack(rows)).to(device)}
+
+    def null(self, cond: dict) -> dict:
+        return {"context": self.null_context[None].to(cond["context"].device)}
+
+    def labels(self, indices: Sequence[int]):
+        return None
+
+
+T2I_EVAL = EvalTask("t2i", build_model=build_mmdit, make_conditioner=CaptionConditioner)
+register_task(T2I_EVAL)

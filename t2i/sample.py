@@ -1,0 +1,131 @@
+"""Sample a text-to-image run: prompts -> images with the ODE or SDE sampler and classifier-free guidance.
+
+    python -m t2i.sample --run runs/coco --prompt "a red circle above a blue square" --sampler ode --steps 50 \
+        --cfg 2.0 --out grid.png
+    python -m t2i.sample --run runs/coco --prompt-file prompts.txt --sampler sde --steps 250 --out grid.png
+
+Captions are encoded with the text encoder the run's data was prepared with (recorded in its checkpoints); the
+empty caption is the null condition. The samplers and the guidance wrapper are eval/'s.
+"""
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+
+import t2i.evaluation  # noqa: F401  (registers the t2i task with eval)
+from core.latents import build_autoencoder
+from eval.guidance import GuidedVelocity
+from eval.loading import load_eval_model, resolve_weights
+from eval.samplers import ode_sample, sde_sample
+
+
+def run_record(run: str) -> dict:
+    """The checkpoint record of a run dir / checkpoint / export, including the training data's identity."""
+    weights, meta = resolve_weights(run)
+    state_path = os.path.join(os.path.dirname(weights), "state.json")
+    record_path = state_path if os.path.isfile(state_path) else os.path.splitext(weights)[0] + ".json"
+    with open(record_path) as f:
+        return {**meta, "data": json.load(f).get("data", {})}
+
+
+def sample_images(model, meta: dict, contexts: torch.Tensor, null_context: torch.Tensor, sampler: str = "ode",
+                  steps: int = 50, cfg: float = 1.0, interval: tuple[float, float] = (0.0, 1.0), seed: int = 0,
+                  heun: bool = False, batch_size: int = 64, vae: str | None = None) -> np.ndarray:
+    """uint8 images (N, H, W, 3) for caption embeddings `contexts` (N, L, D); sample i's noise comes from a
+    generator seeded by (seed, i), so an image does not depend on the batch it was drawn in."""
+    device = next(model.parameters()).device
+    c, h, w = meta["latent"]["shape"]
+    autoencoder = build_autoencoder(vae or meta["latent"]["autoencoder"], device)
+    out = []
+    for start in range(0, len(contexts), batch_size):
+        idx = range(start, min(start + batch_size, len(contexts)))
+        gens = [torch.Generator(device).manual_seed(seed * 1_000_003 + i) for i in idx]
+        x1 = torch.stack([torch.randn(c, h, w, generator=g, device=device) for g in gens])
+        ctx = contexts[idx.start:idx.stop].to(device)
+        velocity = GuidedVelocity(model, {"context": ctx}, {"context": null_context[None].to(device)}, cfg, interval)
+        if sampler == "ode":
+            x0 = ode_sample(velocity, x1, steps, heun=heun)
+        elif sampler == "sde":
+            x0 = sde_sample(velocity, x1, steps, gens)
+        else:
+            raise ValueError(f"sampler {sampler!r} is not one of: ode, sde")
+        latents = (x0.float() - meta["latent"].get("shift", 0.0))
+        out.append(autoencoder.decode(latents).permute(0, 2, 3, 1).cpu().numpy())
+    return np.concatenate(out)
+
+
+def caption_grid(images: np.ndarray, captions: list[str], columns: int = 8, scale: int = 2):
+    """A PIL image: the samples in a grid, each with its caption underneath (wrapped)."""
+    import textwrap
+
+    from PIL import Image, ImageDraw
+
+    n, h, w, _ = images.shape
+    cell_w = max(w * scale, 160)
+    lines = [textwrap.wrap(c, width=cell_w // 6)[:4] for c in captions]
+    text_h = 11 * max(len(x) for x in lines) + 4
+    rows = (n + columns - 1) // columns
+    grid = Image.new("RGB", (columns * cell_w, rows * (h * scale + text_h)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, (img, caption_lines) in enumerate(zip(images, lines)):
+        x, y = (i % columns) * cell_w, (i // columns) * (h * scale + text_h)
+        grid.paste(Image.fromarray(img).resize((w * scale, h * scale), Image.NEAREST), (x + (cell_w - w * scale) // 2, y))
+        for j, line in enumerate(caption_lines):
+            draw.text((x + 2, y + h * scale + 2 + 11 * j), line, fill="black")
+    return grid
+
+
+def read_prompts(prompts: list[str], prompt_file: str | None) -> list[str]:
+    out = list(prompts)
+    if prompt_file:
+        with open(prompt_file) as f:
+            out += [line.strip() for line in f if line.strip()]
+    if not out:
+        raise ValueError("no prompts: give --prompt TEXT or a --prompt-file with one non-empty line per prompt")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Text-to-image samples of a run as a captioned PNG grid.")
+    p.add_argument("--run", required=True, help="run directory, step_* checkpoint, or exported .safetensors")
+    p.add_argument("--prompt", action="append", default=[], help="a caption (repeatable)")
+    p.add_argument("--prompt-file", help="a text file with one caption per line")
+    p.add_argument("--sampler", choices=("ode", "sde"), default="ode")
+    p.add_argument("--steps", type=int, default=50, help="NFE 50 for ODE, 250 for SDE in the paper")
+    p.add_argument("--heun", action="store_true")
+    p.add_argument("--cfg", type=float, default=2.0, help="guidance scale w (App. K: 2.0)")
+    p.add_argument("--guidance-interval", type=float, nargs=2, default=(0.0, 1.0), metavar=("LOW", "HIGH"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--text-encoder", help="override the run's text encoder spec (t2i/text_encoder.py)")
+    p.add_argument("--vae", help="override the autoencoder (e.g. a local sd-vae-ft-ema path)")
+    p.add_argument("--out", required=True, help="PNG grid to write")
+    args = p.parse_args(argv)
+    from t2i.text_encoder import load_text_encoder
+
+    try:
+        prompts = read_prompts(args.prompt, args.prompt_file)
+    except (OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, meta = load_eval_model(args.run, device)
+    record = run_record(args.run)
+    spec = args.text_encoder or record["data"].get("text_encoder")
+    if not spec:
+        print("error: the run records no text encoder; pass --text-encoder", file=sys.stderr)
+        return 2
+    text = load_text_encoder(spec, device)
+    with torch.no_grad():
+        contexts, null = text.encode(prompts).float(), text.encode([""])[0].float()
+    images = sample_images(model, meta, contexts, null, args.sampler, args.steps, args.cfg,
+                           tuple(args.guidance_interval), args.seed, args.heun, vae=args.vae)
+    caption_grid(images, prompts).save(args.out)
+    print(f"{len(prompts)} samples ({args.sampler}, {args.steps} steps, cfg {args.cfg}) -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
