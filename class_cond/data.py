@@ -9,11 +9,6 @@ from core.data import decode_training_sample
 from core.shards import decode_value, shard_name, write_manifest, write_shard
 
 
-def feature_key(encoder_name: str) -> str:
-    """Shard member holding precomputed patch tokens of encoder `encoder_name` (spec without @source)."""
-    return f"feat_{encoder_name}.npy"
-
-
 def decode_class_cond(raw: dict, need_image: bool, feature_keys: tuple[str, ...]) -> dict:
     """Shard sample -> {"moments": (2C, h, w) float32, "label": int64, ["image"], ["feats"]} (core/data.py)."""
     out = decode_training_sample(raw, ("cls",), need_image, feature_keys)

@@ -8,11 +8,11 @@ from core.config import (ObjectiveConfig, RepaConfig, RunConfig, TrainConfig, ch
                          check_prepared_dataset, validate_common)
 from core.data import SkippingDataset
 from core.dist import DistContext, barrier
-from core.shards import ShardReader, read_manifest
+from core.shards import ShardReader, feature_key, read_manifest
 from core.trainer import DataInfo
 from core.transport import build_objective
 
-from class_cond.data import decode_class_cond, feature_key, make_synthetic_class_cond
+from class_cond.data import decode_class_cond, make_synthetic_class_cond
 from class_cond.models import SIT_PRESETS, build_sit
 
 

@@ -86,6 +86,11 @@ def write_shard(path: str, samples: list[dict]) -> None:
                 tar.addfile(info, io.BytesIO(data))
 
 
+def feature_key(encoder_name: str) -> str:
+    """Shard member holding precomputed patch tokens of encoder `encoder_name` (its spec without @source)."""
+    return f"feat_{encoder_name}.npy"
+
+
 def shard_name(index: int) -> str:
     return f"shard-{index:06d}.tar"
 

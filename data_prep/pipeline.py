@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from class_cond.data import feature_key
+from core.shards import feature_key
 from core.fileio import write_json_atomic
 from core.shards import read_manifest, shard_name, write_manifest, write_shard
 from data_prep.images import Loaded, load_image

@@ -14,7 +14,7 @@ from core.config import (ObjectiveConfig, RepaConfig, RunConfig, TrainConfig, ch
                          check_prepared_dataset, validate_common)
 from core.data import SkippingDataset, decode_training_sample
 from core.dist import DistContext, barrier
-from core.shards import ShardFormatError, ShardReader, decode_value, read_manifest
+from core.shards import ShardFormatError, ShardReader, decode_value, feature_key, read_manifest
 from core.trainer import DataInfo
 from t2i.mmdit import MMDIT_PRESETS, build_mmdit
 
@@ -103,7 +103,7 @@ class T2ITask:
         return info
 
     def dataset(self, info: DataInfo, need_image: bool, feature_names: list[str]):
-        keys = tuple(f"feat_{n}.npy" for n in feature_names)
+        keys = tuple(feature_key(n) for n in feature_names)
         seed = self.cfg.run.seed
         return SkippingDataset(ShardReader(info.root),
                                lambda raw, position: decode_t2i(raw, position, seed, need_image, keys))

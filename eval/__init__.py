@@ -1,0 +1,1 @@
+"""Evaluation: samplers, classifier-free guidance, distributed generation, FID and friends, checkpoint import."""

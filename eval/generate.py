@@ -1,0 +1,234 @@
+"""Sample images from a trained model, sharded over processes with accelerate.
+
+    accelerate launch -m eval.generate --run runs/in256 --sampler ode --steps 50 --cfg 1.8 \
+        --guidance-interval 0 0.7 --num-samples 50000 --out samples/in256_ode50
+
+Writes OUT/images/NNNNNN.png (uint8, one per sample, named by global index), OUT/generation.json (settings,
+checkpoint step) and, when every image exists, OUT/samples.npz in the ADM layout (arr_0 uint8 (N, H, W, 3),
+arr_1 labels for class-conditional models). Rank r takes the r-th contiguous slice of the indices.
+
+Seeding: sample i draws its initial noise and its SDE noise from its own generator seeded by (seed, i), not from
+a per-rank stream (the reference's seed * world + rank), so an image depends only on (checkpoint, settings,
+seed, i): the same for any number of processes, any batch size, and after a resume. Resume is rerunning the
+command: indices whose PNG exists are skipped (PNGs are written to a temporary name and renamed).
+"""
+import argparse
+import json
+import os
+import time
+import zipfile
+from typing import Optional, Sequence
+
+import core  # noqa: F401  (torchvision import fix before diffusers/accelerate)
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from core.latents import build_autoencoder
+from eval.guidance import GuidedVelocity
+from eval.loading import load_eval_model
+from eval.samplers import ode_sample, randn, sde_sample
+from eval.tasks import get_task
+
+SETTINGS_FILE = "generation.json"
+NPZ_FILE = "samples.npz"
+# Keys of generation.json that decide the images: a rerun with different values is refused, not mixed in.
+SAMPLING_KEYS = ("source", "step", "sampler", "steps", "heun", "cfg", "guidance_interval", "t_last", "seed",
+                 "seeding", "num_samples", "autoencoder", "cond_file")
+
+
+def sample_generator(seed: int, index: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The generator of sample `index`: a 63-bit seed hashed from (seed, index) by NumPy's SeedSequence."""
+    hi, lo = np.random.SeedSequence([seed, index]).generate_state(2)
+    return torch.Generator(device).manual_seed((int(hi) << 31 | int(lo) >> 1) & (2**63 - 1))
+
+
+def image_path(out_dir: str, index: int) -> str:
+    return os.path.join(out_dir, "images", f"{index:06d}.png")
+
+
+def shard(num_samples: int, rank: int, world: int) -> range:
+    """Rank `rank`'s contiguous slice of range(num_samples)."""
+    per, extra = divmod(num_samples, world)
+    start = rank * per + min(rank, extra)
+    return range(start, start + per + (rank < extra))
+
+
+class Generator:
+    """Samples images of a loaded model: `images(indices) -> uint8 (B, 3, H, W)`; see `settings` for what is used."""
+
+    def __init__(self, source: str, sampler: str = "sde", steps: int = 250, heun: bool = False, cfg: float = 1.0,
+                 guidance_interval: Sequence[float] = (0.0, 1.0), t_last: float = 0.04, seed: int = 0,
+                 vae: Optional[str] = None, cond_file: Optional[str] = None, device: torch.device | str = "cpu",
+                 precision: str = "fp32", compile: bool = False):
+        if sampler not in ("ode", "sde"):
+            raise ValueError(f"sampler must be 'ode' or 'sde', got {sampler!r}")
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+        if heun and sampler == "sde":
+            raise ValueError("--heun applies to the ODE sampler only")
+        self.device = torch.device(device)
+        self.model, self.meta = load_eval_model(source, self.device)
+        self.forward = torch.compile(self.model) if compile else self.model
+        self.task = get_task(self.meta["model"]["task"])
+        self.conditioner = self.task.make_conditioner(self.meta, {"cond_file": cond_file})
+        latent = self.meta["latent"]
+        self.autoencoder = build_autoencoder(vae or latent["autoencoder"], self.device)
+        self.latent_shape = tuple(latent["shape"])
+        self.precision = precision
+        self.settings = {
+            "source": self.meta["source"], "step": self.meta["step"], "task": self.task.name,
+            "sampler": sampler, "steps": steps, "heun": heun, "cfg": cfg, "guidance_interval": list(guidance_interval),
+            "t_last": t_last, "seed": seed, "seeding": "per-sample (seed, index)",
+            "autoencoder": vae or latent["autoencoder"], "cond_file": cond_file, "precision": precision,
+            "nfe": steps if sampler == "sde" else (2 * steps - 1 if heun else steps),
+        }
+
+    @torch.no_grad()
+    def latents(self, indices: Sequence[int]) -> torch.Tensor:
+        """(B, C, h, w) float32 scaled latents of samples `indices`."""
+        s = self.settings
+        gens = [sample_generator(s["seed"], i, self.device) for i in indices]
+        x1 = randn((len(indices), *self.latent_shape), gens, self.device, torch.float32)
+        cond = self.conditioner.cond(indices, self.device)
+        velocity = GuidedVelocity(self.forward, cond, self.conditioner.null(cond), s["cfg"], s["guidance_interval"])
+        autocast = torch.autocast(self.device.type, torch.bfloat16, enabled=self.precision == "bf16")
+        with autocast:
+            if s["sampler"] == "ode":
+                return ode_sample(velocity, x1, s["steps"], heun=s["heun"])
+            return sde_sample(velocity, x1, s["steps"], gens, t_last=s["t_last"])
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> uint8 (B, 3, H, W): undo this run's scale/shift, then the autoencoder's own scale."""
+        latent = self.meta["latent"]
+        unscaled = (z.float() - latent.get("shift", 0.0)) / latent["scale_factor"]
+        return self.autoencoder.decode(unscaled * self.autoencoder.scale_factor)
+
+    def images(self, indices: Sequence[int]) -> torch.Tensor:
+        return self.decode(self.latents(indices))
+
+
+def write_png(path: str, image: torch.Tensor) -> None:
+    """uint8 (3, H, W) -> PNG, written to a temporary name and renamed so a PNG is complete or absent."""
+    tmp = f"{path}.tmp{os.getpid()}.png"
+    Image.fromarray(image.permute(1, 2, 0).cpu().numpy()).save(tmp)
+    os.replace(tmp, path)
+
+
+def check_settings(out_dir: str, settings: dict) -> None:
+    """Write OUT/generation.json, or refuse a rerun whose image-deciding settings differ from the recorded ones."""
+    path = os.path.join(out_dir, SETTINGS_FILE)
+    if os.path.isfile(path):
+        with open(path) as f:
+            old = json.load(f)
+        diff = [k for k in SAMPLING_KEYS if old.get(k) != settings.get(k)]
+        if diff:
+            raise ValueError(f"{out_dir!r} holds samples made with other settings ({', '.join(diff)}: "
+                             f"{[old.get(k) for k in diff]} there, {[settings.get(k) for k in diff]} now); "
+                             "use another --out")
+    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(settings, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def write_npz(out_dir: str, num_samples: int, labels: Optional[np.ndarray]) -> str:
+    """OUT/samples.npz in the ADM layout, streamed image by image (50K 256-px images do not fit in memory twice)."""
+    first = np.asarray(Image.open(image_path(out_dir, 0)).convert("RGB"))
+    shape = (num_samples, *first.shape)
+    path = os.path.join(out_dir, NPZ_FILE)
+    tmp = path + ".tmp"
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        with zf.open("arr_0.npy", "w", force_zip64=True) as f:
+            np.lib.format.write_array_header_2_0(f, {"descr": "|u1", "fortran_order": False, "shape": shape})
+            for i in range(num_samples):
+                img = np.asarray(Image.open(image_path(out_dir, i)).convert("RGB"))
+                if img.shape != first.shape:
+                    raise ValueError(f"{image_path(out_dir, i)} is {img.shape}, image 0 is {first.shape}")
+                f.write(np.ascontiguousarray(img).tobytes())
+        if labels is not None:
+            with zf.open("arr_1.npy", "w") as f:
+                np.lib.format.write_array(f, np.asarray(labels, dtype=np.int64))
+    os.replace(tmp, path)
+    return path
+
+
+def generate(args: argparse.Namespace) -> dict:
+    """Run generation on this process's shard; rank 0 writes the .npz at the end. Returns the settings record."""
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())  # else a CPU-only launch runs N copies of rank 0
+    gen = Generator(args.run, args.sampler, args.steps, args.heun, args.cfg, args.guidance_interval, args.t_last,
+                    args.seed, args.vae, args.cond_file, state.device, args.precision, args.compile)
+    available = gen.conditioner.num_available
+    if available is not None and args.num_samples > available:
+        raise ValueError(f"--num-samples {args.num_samples} exceeds the {available} conditions available")
+    settings = {**gen.settings, "num_samples": args.num_samples}
+    if state.is_main_process:
+        check_settings(args.out, settings)
+    state.wait_for_everyone()
+    todo = [i for i in shard(args.num_samples, state.process_index, state.num_processes)
+            if not os.path.isfile(image_path(args.out, i))]
+    done, start = 0, time.perf_counter()
+    bar = tqdm(total=len(todo), desc=f"rank {state.process_index}", unit="img",
+               disable=not state.is_local_main_process)
+    for b in range(0, len(todo), args.batch_size):
+        indices = todo[b:b + args.batch_size]
+        for i, img in zip(indices, gen.images(indices)):
+            write_png(image_path(args.out, i), img)
+        done += len(indices)
+        bar.update(len(indices))
+        bar.set_postfix(img_per_s=f"{done / (time.perf_counter() - start):.2f}")
+    bar.close()
+    rate = done / max(time.perf_counter() - start, 1e-9)
+    print(f"rank {state.process_index}: {done} images in {time.perf_counter() - start:.1f} s ({rate:.2f} img/s)",
+          flush=True)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        missing = [i for i in range(args.num_samples) if not os.path.isfile(image_path(args.out, i))]
+        if missing:
+            raise RuntimeError(f"{len(missing)} images missing after generation (first: {missing[0]})")
+        labels = gen.conditioner.labels(range(args.num_samples))
+        print(f"wrote {write_npz(args.out, args.num_samples, labels)}", flush=True)
+    state.wait_for_everyone()
+    return settings
+
+
+def add_generation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", required=True, help="run directory, step_* checkpoint, or exported .safetensors (+ .json)")
+    p.add_argument("--sampler", choices=("ode", "sde"), default="sde")
+    p.add_argument("--steps", type=int, default=250, help="ODE steps (NFE 50 in the paper) or SDE steps (NFE 250)")
+    p.add_argument("--heun", action="store_true", help="ODE: Heun's method (2N-1 model calls)")
+    p.add_argument("--cfg", type=float, default=1.0, help="guidance scale w (1 = no guidance)")
+    p.add_argument("--guidance-interval", type=float, nargs=2, default=(0.0, 1.0), metavar=("LOW", "HIGH"),
+                   help="apply guidance only where LOW <= t <= HIGH (t=1 noise); the paper: 0 0.7 with w 1.8")
+    p.add_argument("--t-last", type=float, default=0.04, help="SDE: last time before the noiseless jump to 0")
+    p.add_argument("--num-samples", type=int, default=50000)
+    p.add_argument("--batch-size", type=int, default=64, help="samples per process and batch")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vae", default=None, help="autoencoder override: local AutoencoderKL path or hub id")
+    p.add_argument("--cond-file", default=None, help="conditions file of tasks that need one (t2i captions)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast for the model")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+
+
+def validate_generation_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.num_samples < 1 or args.batch_size < 1 or args.steps < 1:
+        p.error("--num-samples, --batch-size and --steps must be positive")
+    low, high = args.guidance_interval
+    if not 0 <= low <= high <= 1:
+        p.error(f"--guidance-interval must satisfy 0 <= LOW <= HIGH <= 1, got {low} {high}")
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    add_generation_args(p)
+    p.add_argument("--out", required=True, help="output directory (rerun the same command to resume)")
+    args = p.parse_args(argv)
+    validate_generation_args(p, args)
+    generate(args)
+
+
+if __name__ == "__main__":
+    main()
