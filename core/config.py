@@ -66,9 +66,13 @@ class RepaConfig:
 
 @dataclass
 class ObjectiveConfig:
-    kind: str = "transport"  # the flow-matching / stochastic-interpolant objective of SiT
-    path: str = "linear"  # Sec. 2: linear x_t = (1-t) x0 + t eps; or cosine
-    time_sampling: str = "uniform"  # uniform t, or lognormal (sigma = exp(N(0,1)), t = sigma / (1 + sigma))
+    # transport: SiT's stochastic interpolant (Sec. 2); ddpm: DiT's improved DDPM (Sec. 3, Table 3: DiT-L/2 and
+    # DiT-XL/2 with REPA), eps-prediction with learned variance and the hybrid loss (core/diffusion.py)
+    kind: str = "transport"
+    path: str = "linear"  # transport: Sec. 2, linear x_t = (1-t) x0 + t eps; or cosine
+    time_sampling: str = "uniform"  # transport: uniform t, or lognormal (sigma = exp(N(0,1)), t = sigma / (1 + sigma))
+    diffusion_steps: int = 1000  # ddpm: T = 1000 as DiT (Peebles & Xie 2023, Sec. 3)
+    beta_schedule: str = "linear"  # ddpm: DiT's linear betas 1e-4 .. 0.02 (scaled by 1000/T); or cosine (iDDPM)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -212,7 +216,10 @@ def load_config(cls: type, path: str | None = None, overrides: list[str] | tuple
         if not os.path.isfile(path):
             raise ConfigError(f"config file {path!r} does not exist")
         with open(path) as f:
-            loaded = yaml.safe_load(f)
+            try:
+                loaded = yaml.safe_load(f)  # plain data only: a !!python/object tag is refused, never constructed
+            except yaml.YAMLError as err:
+                raise ConfigError(f"{path}: not a plain YAML config: {err}") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
         tree = loaded or {}
@@ -317,6 +324,15 @@ def validate_common(cfg: Any) -> None:
             except ValueError as err:
                 raise ConfigError(f"repa.encoders[{i}]: {err}") from None
     check_choice("repa.loss", r.loss, ("cosine", "ntxent"))
-    check_choice("objective.kind", cfg.objective.kind, ("transport",))
-    check_choice("objective.path", cfg.objective.path, ("linear", "cosine"))
-    check_choice("objective.time_sampling", cfg.objective.time_sampling, ("uniform", "lognormal"))
+    o = cfg.objective
+    check_choice("objective.kind", o.kind, ("transport", "ddpm"))
+    check_choice("objective.path", o.path, ("linear", "cosine"))
+    check_choice("objective.time_sampling", o.time_sampling, ("uniform", "lognormal"))
+    check_choice("objective.beta_schedule", o.beta_schedule, ("linear", "cosine"))
+    if o.kind == "ddpm":
+        from core.diffusion import beta_schedule
+
+        try:
+            beta_schedule(o.beta_schedule, o.diffusion_steps)
+        except ValueError as err:
+            raise ConfigError(f"objective.diffusion_steps={o.diffusion_steps}: {err}") from None

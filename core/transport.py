@@ -61,8 +61,16 @@ class Transport:
         return mse, zs
 
 
-def build_objective(cfg) -> Transport:
-    """The objective named by an ObjectiveConfig (`objective.kind`)."""
+OBJECTIVE_KINDS = ("transport", "ddpm")
+
+
+def build_objective(cfg):
+    """The objective named by an ObjectiveConfig (`objective.kind`): Transport (SiT) or, for "ddpm", DiT's
+    core.diffusion.GaussianDiffusion. Both have `learn_sigma` and `loss(model, x0, cond, generator)`."""
     if cfg.kind == "transport":
         return Transport(cfg.path, cfg.time_sampling)
-    raise ValueError(f"objective.kind {cfg.kind!r} is not one of: transport")
+    if cfg.kind == "ddpm":
+        from core.diffusion import GaussianDiffusion
+
+        return GaussianDiffusion.from_config(cfg)
+    raise ValueError(f"objective.kind {cfg.kind!r} is not one of: {', '.join(OBJECTIVE_KINDS)}")

@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from core.fileio import WriteError, atomic_write, write_json_atomic
+
 INCEPTION_FILE = "inception-2015-12-05.pt"  # clean-fid's name for the TorchScript TF-Inception
 MODES = ("legacy_tensorflow", "clean")
 PROXY_LABEL = "PROXY FID (random-init features, not comparable to published FID)"
@@ -194,15 +196,13 @@ def save_stats(path: str, mu: np.ndarray, sigma: np.ndarray, **meta) -> None:
             raise ValueError(f"save_stats needs {key}= metadata (the extractor's name / is_proxy)")
     strings = {k: np.array(str(v)) for k, v in meta.items()}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}.npz"
-    np.savez(tmp, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64), **strings)
-    os.replace(tmp, path)
+    with atomic_write(str(path), "wb") as f:  # a failed write leaves the previous file and no temporary
+        np.savez(f, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64), **strings)
 
 
 def read_stats_file(path: str) -> dict:
     """Every array of a statistics .npz (allow_pickle=False); a file lacking mu/sigma is a ValueError."""
-    with np.load(path, allow_pickle=False) as data:
-        out = {k: data[k] for k in data.files}
+    out = read_npz(path)
     missing = [k for k in ("mu", "sigma") if k not in out]
     if missing:
         raise ValueError(f"reference {path!r} lacks {' and '.join(missing)} (keys present: "
@@ -211,6 +211,21 @@ def read_stats_file(path: str) -> dict:
     if out["mu"].ndim != 1 or out["sigma"].shape != (d, d):
         raise ValueError(f"reference {path!r}: mu {out['mu'].shape} and sigma {out['sigma'].shape} do not match")
     return out
+
+
+def npz_array(data, key: str, path: str) -> np.ndarray:
+    """Array `key` of an open .npz (np.load(..., allow_pickle=False)); an object array is a ValueError naming the
+    file, never unpickled."""
+    try:
+        return data[key]
+    except ValueError as err:  # numpy: "Object arrays cannot be loaded when allow_pickle=False"
+        raise ValueError(f"{path!r}: {key} holds pickled Python objects, which are never loaded ({err})") from None
+
+
+def read_npz(path: str) -> dict:
+    """Every array of an .npz, read without pickle (see npz_array)."""
+    with np.load(path, allow_pickle=False) as data:
+        return {k: npz_array(data, k, path) for k in data.files}
 
 
 def load_stats(path: str) -> tuple[np.ndarray, np.ndarray]:
@@ -278,7 +293,7 @@ def iter_images(source: str, batch_size: int = 100, limit: Optional[int] = None)
         with np.load(source, allow_pickle=False) as data:
             if "arr_0" not in data.files:
                 raise ValueError(f"{source!r} has no arr_0 images (keys: {', '.join(data.files)})")
-            arr = data["arr_0"][:limit]
+            arr = npz_array(data, "arr_0", source)[:limit]
         if arr.ndim != 4 or arr.shape[-1] != 3 or arr.dtype != np.uint8:
             raise ValueError(f"{source!r}: arr_0 must be uint8 (N, H, W, 3), got {arr.dtype} {arr.shape}")
         for i in range(0, len(arr), batch_size):
@@ -410,10 +425,8 @@ def format_metrics(m: dict) -> str:
 
 
 def write_metrics(path: str, metrics: dict) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(metrics, f, indent=1)
-    os.replace(tmp, path)
+    """metrics.json, atomically: a failed write leaves the previous file intact and raises a WriteError."""
+    write_json_atomic(path, metrics)
 
 
 def add_metric_args(p: argparse.ArgumentParser) -> None:
@@ -457,7 +470,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = p.parse_args(argv)
     try:
         evaluate_samples(args, args.samples, args.out)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, WriteError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
 

@@ -2,6 +2,10 @@
 
     accelerate launch -m eval.generate --run runs/in256 --sampler ode --steps 50 --cfg 1.8 \
         --guidance-interval 0 0.7 --num-samples 50000 --out samples/in256_ode50
+    accelerate launch -m eval.generate --run runs/dit_xl2_repa_in256 --sampler ddpm --steps 250 ...   # DiT
+
+The sampler follows the run's recorded objective: ode/sde (default sde) for SiT's transport, ddpm/ddim (default
+ddpm, DiT's 250 respaced steps) for the ddpm objective; a sampler of the other family is refused.
 
 Writes OUT/images/NNNNNN.png (uint8, one per sample, named by global index), OUT/generation.json (settings,
 checkpoint step) and, when every image exists, OUT/samples.npz in the ADM layout (arr_0 uint8 (N, H, W, 3),
@@ -26,9 +30,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from core.latents import build_autoencoder
+from core.transport import build_objective
 from eval.guidance import GuidedVelocity
-from eval.loading import load_eval_model
-from eval.samplers import ode_sample, randn, sde_sample
+from eval.loading import load_eval_model, objective_config, resolve_weights
+from eval.samplers import ddim_sample, ddpm_sample, ode_sample, randn, sde_sample
 from eval.tasks import get_task
 
 SETTINGS_FILE = "generation.json"
@@ -36,6 +41,23 @@ NPZ_FILE = "samples.npz"
 # Keys of generation.json that decide the images: a rerun with different values is refused, not mixed in.
 SAMPLING_KEYS = ("source", "step", "sampler", "steps", "heun", "cfg", "guidance_interval", "t_last", "seed",
                  "seeding", "num_samples", "autoencoder", "cond_file")
+
+
+# Samplers of each objective kind (core.transport.build_objective); the first is the default.
+SAMPLERS = {"transport": ("sde", "ode"), "ddpm": ("ddpm", "ddim")}
+
+
+def pick_sampler(objective_kind: str, sampler: Optional[str]) -> str:
+    """`sampler`, or the objective's default when None; a ValueError if it does not fit the objective."""
+    if objective_kind not in SAMPLERS:
+        raise ValueError(f"no sampler for objective kind {objective_kind!r}; known: {', '.join(SAMPLERS)}")
+    allowed = SAMPLERS[objective_kind]
+    if sampler is None:
+        return allowed[0]
+    if sampler not in allowed:
+        raise ValueError(f"sampler {sampler!r} does not fit this model's objective {objective_kind!r}: use one of "
+                         f"{', '.join(allowed)}")
+    return sampler
 
 
 def sample_generator(seed: int, index: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -58,18 +80,24 @@ def shard(num_samples: int, rank: int, world: int) -> range:
 class Generator:
     """Samples images of a loaded model: `images(indices) -> uint8 (B, 3, H, W)`; see `settings` for what is used."""
 
-    def __init__(self, source: str, sampler: str = "sde", steps: int = 250, heun: bool = False, cfg: float = 1.0,
+    def __init__(self, source: str, sampler: Optional[str] = None, steps: int = 250, heun: bool = False,
+                 cfg: float = 1.0,
                  guidance_interval: Sequence[float] = (0.0, 1.0), t_last: float = 0.04, seed: int = 0,
                  vae: Optional[str] = None, cond_file: Optional[str] = None, device: torch.device | str = "cpu",
                  precision: str = "fp32", compile: bool = False):
-        if sampler not in ("ode", "sde"):
-            raise ValueError(f"sampler must be 'ode' or 'sde', got {sampler!r}")
+        known = [name for names in SAMPLERS.values() for name in names]
+        if sampler is not None and sampler not in known:
+            raise ValueError(f"sampler must be one of {', '.join(known)}, got {sampler!r}")
         if precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
-        if heun and sampler == "sde":
+        if heun and sampler != "ode":
             raise ValueError("--heun applies to the ODE sampler only")
         self.device = torch.device(device)
         self.model, self.meta = load_eval_model(source, self.device)
+        objective_cfg = objective_config(self.meta)
+        sampler = pick_sampler(objective_cfg.kind, sampler)
+        # ddpm/ddim run on the recorded diffusion respaced to `steps` (DiT: 250 of 1000)
+        self.diffusion = build_objective(objective_cfg).respace(steps) if objective_cfg.kind == "ddpm" else None
         self.forward = torch.compile(self.model) if compile else self.model
         self.task = get_task(self.meta["model"]["task"])
         self.conditioner = self.task.make_conditioner(self.meta, {"cond_file": cond_file})
@@ -79,10 +107,11 @@ class Generator:
         self.precision = precision
         self.settings = {
             "source": self.meta["source"], "step": self.meta["step"], "task": self.task.name,
-            "sampler": sampler, "steps": steps, "heun": heun, "cfg": cfg, "guidance_interval": list(guidance_interval),
+            "objective": objective_cfg.kind, "sampler": sampler, "steps": steps, "heun": heun, "cfg": cfg,
+            "guidance_interval": list(guidance_interval),
             "t_last": t_last, "seed": seed, "seeding": "per-sample (seed, index)",
             "autoencoder": vae or latent["autoencoder"], "cond_file": cond_file, "precision": precision,
-            "nfe": steps if sampler == "sde" else (2 * steps - 1 if heun else steps),
+            "nfe": 2 * steps - 1 if heun else steps,
         }
 
     @torch.no_grad()
@@ -92,8 +121,16 @@ class Generator:
         gens = [sample_generator(s["seed"], i, self.device) for i in indices]
         x1 = randn((len(indices), *self.latent_shape), gens, self.device, torch.float32)
         cond = self.conditioner.cond(indices, self.device)
-        velocity = GuidedVelocity(self.forward, cond, self.conditioner.null(cond), s["cfg"], s["guidance_interval"])
+        null = self.conditioner.null(cond)
         autocast = torch.autocast(self.device.type, torch.bfloat16, enabled=self.precision == "bf16")
+        if self.diffusion is not None:  # DiT: guided [eps | v], the model fed the original step index
+            denoiser = GuidedVelocity(self.forward, cond, null, s["cfg"], s["guidance_interval"],
+                                      model_time=self.diffusion.model_step, keep_sigma=True)
+            with autocast:
+                if s["sampler"] == "ddpm":
+                    return ddpm_sample(denoiser, x1, self.diffusion, gens)
+                return ddim_sample(denoiser, x1, self.diffusion)
+        velocity = GuidedVelocity(self.forward, cond, null, s["cfg"], s["guidance_interval"])
         with autocast:
             if s["sampler"] == "ode":
                 return ode_sample(velocity, x1, s["steps"], heun=s["heun"])
@@ -197,12 +234,15 @@ def generate(args: argparse.Namespace) -> dict:
 
 def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", required=True, help="run directory, step_* checkpoint, or exported .safetensors (+ .json)")
-    p.add_argument("--sampler", choices=("ode", "sde"), default="sde")
-    p.add_argument("--steps", type=int, default=250, help="ODE steps (NFE 50 in the paper) or SDE steps (NFE 250)")
+    p.add_argument("--sampler", choices=("ode", "sde", "ddpm", "ddim"), default=None,
+                   help="SiT: sde (default) or ode; DiT (ddpm objective): ddpm (default) or ddim")
+    p.add_argument("--steps", type=int, default=250,
+                   help="ODE steps (NFE 50 in the paper), SDE steps (NFE 250), or DDPM/DDIM respaced steps (DiT: 250)")
     p.add_argument("--heun", action="store_true", help="ODE: Heun's method (2N-1 model calls)")
     p.add_argument("--cfg", type=float, default=1.0, help="guidance scale w (1 = no guidance)")
     p.add_argument("--guidance-interval", type=float, nargs=2, default=(0.0, 1.0), metavar=("LOW", "HIGH"),
-                   help="apply guidance only where LOW <= t <= HIGH (t=1 noise); the paper: 0 0.7 with w 1.8")
+                   help="apply guidance only where LOW <= t <= HIGH (t=1 noise; DiT: t = step / 1000); the "
+                        "paper: 0 0.7 with w 1.8")
     p.add_argument("--t-last", type=float, default=0.04, help="SDE: last time before the noiseless jump to 0")
     p.add_argument("--num-samples", type=int, default=50000)
     p.add_argument("--batch-size", type=int, default=64, help="samples per process and batch")
@@ -219,6 +259,10 @@ def validate_generation_args(p: argparse.ArgumentParser, args: argparse.Namespac
     low, high = args.guidance_interval
     if not 0 <= low <= high <= 1:
         p.error(f"--guidance-interval must satisfy 0 <= LOW <= HIGH <= 1, got {low} {high}")
+    try:  # resolve the default sampler from the run's objective now: output names depend on it
+        args.sampler = pick_sampler(objective_config(resolve_weights(args.run)[1]).kind, args.sampler)
+    except (ValueError, FileNotFoundError) as err:
+        p.error(str(err))
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -4,10 +4,15 @@ v = v_uncond + w (v_cond - v_uncond), applied per sample only where low <= t <= 
 Kynkäänniemi et al. 2024; REPA's 1.42 uses w = 1.8 on [0, 0.7]), the plain conditional velocity elsewhere.
 Conditional and unconditional halves go through the model in one batched forward, as the reference does.
 
+The same wrapper serves DiT's eps-prediction (eval.samplers.ddpm_sample/ddim_sample): guidance applies to eps, hence
+to the mean, which is linear in eps; with `keep_sigma` the variance channels come from the conditional half (as
+DiT's forward_with_cfg, which guides the first 3 of 4 eps channels for reproducibility; we guide all C), and
+`model_time` maps the sampler's t to the model's timestep input (core.diffusion: t = s / T -> step s).
+
 Conditions are dicts of keyword tensors for `model(x, t, **cond)`: {"y": (B,) labels} with null = num_classes
 for the class-conditional SiT, {"context": (B, 77, D)} with null = the empty caption's embedding for text.
 """
-from typing import Mapping
+from typing import Callable, Mapping, Optional
 
 import torch
 from torch import nn
@@ -17,12 +22,15 @@ class GuidedVelocity:
     """velocity(x: (B, C, H, W), t: (B,)) -> (B, C, H, W) float64 from `model(x, t, **cond) -> out or (out, ...)`.
 
     cond / null_cond: tensors with batch B (a null tensor of batch 1 is broadcast); scale w; interval (low, high)
-    in t. Outputs with more channels than x (learned sigma, 2C) are cut to the first C before guiding.
-    `forwards` counts model calls and `rows` the samples pushed through them (for NFE/throughput checks).
+    in t. Outputs with more channels than x (learned sigma, 2C) are cut to the first C before guiding, unless
+    keep_sigma: then (B, 2C) with the extra C channels of the conditional forward. model_time(t) -> the model's
+    timestep input (default: t itself). `forwards` counts model calls and `rows` the samples pushed through them
+    (for NFE/throughput checks).
     """
 
     def __init__(self, model: nn.Module, cond: Mapping[str, torch.Tensor], null_cond: Mapping[str, torch.Tensor],
-                 scale: float = 1.0, interval: tuple[float, float] = (0.0, 1.0)):
+                 scale: float = 1.0, interval: tuple[float, float] = (0.0, 1.0),
+                 model_time: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, keep_sigma: bool = False):
         if set(cond) != set(null_cond):
             raise ValueError(f"cond keys {sorted(cond)} and null-cond keys {sorted(null_cond)} differ")
         low, high = interval
@@ -34,13 +42,20 @@ class GuidedVelocity:
         self.cond = dict(cond)
         self.null = {k: _broadcast(k, null_cond[k], cond[k]) for k in cond}
         self.dtype = next(model.parameters()).dtype
+        self.model_time, self.keep_sigma = model_time, keep_sigma
         self.forwards = self.rows = 0
 
     def _forward(self, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
-        out = self.model(x.to(self.dtype), t.to(self.dtype), **cond)
+        t_in = self.model_time(t) if self.model_time is not None else t
+        out = self.model(x.to(self.dtype), t_in.to(self.dtype), **cond)
         out = out[0] if isinstance(out, (tuple, list)) else out
         self.forwards += 1
         self.rows += x.shape[0]
+        if self.keep_sigma:
+            if out.shape[1] != 2 * x.shape[1]:
+                raise ValueError(f"keep_sigma needs a learned-sigma model ({2 * x.shape[1]} output channels), "
+                                 f"got {out.shape[1]}")
+            return out.to(torch.float64)
         return out[:, : x.shape[1]].to(torch.float64)
 
     @torch.no_grad()
@@ -51,7 +66,8 @@ class GuidedVelocity:
             return self._forward(x, t, self.cond)
         both = {k: torch.cat([self.cond[k], self.null[k]]) for k in self.cond}
         v_cond, v_uncond = self._forward(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
-        guided = v_uncond + self.scale * (v_cond - v_uncond)
+        c = x.shape[1]  # guide the prediction; learned-variance channels (keep_sigma) stay conditional
+        guided = torch.cat([v_uncond[:, :c] + self.scale * (v_cond[:, :c] - v_uncond[:, :c]), v_cond[:, c:]], 1)
         return torch.where(inside.view(-1, *([1] * (x.dim() - 1))), guided, v_cond)
 
 

@@ -1,7 +1,14 @@
-"""Import an official REPA SiT checkpoint (github.com/sihyun-yu/REPA) as this project's class-conditional model.
+"""Import an official REPA SiT checkpoint (github.com/sihyun-yu/REPA) or an official DiT checkpoint
+(github.com/facebookresearch/DiT) as this project's class-conditional model.
 
     python -m eval.import_repa SiT-XL-2-repa.pt --out weights/sit_xl2_repa.safetensors
     accelerate launch -m eval.generate --run weights/sit_xl2_repa.safetensors --sampler sde --steps 250 ...
+    python -m eval.import_repa DiT-XL-2-256x256.pt --objective ddpm --model DiT-XL/2 --out weights/dit_xl2.safetensors
+    accelerate launch -m eval.generate --run weights/dit_xl2.safetensors --sampler ddpm --steps 250 ...
+
+A DiT checkpoint is the same backbone (same key names) with doubled output channels (learned sigma) and no
+projectors; `--objective ddpm` records DiT's diffusion (core/diffusion.py, 1000 linear steps) so generation picks
+the DDPM/DDIM samplers, and the model gets DiT's timestep input (the step index), reproducing its outputs.
 
 A reference checkpoint is a `.pt` dict with `model` and `ema` state dicts, an argparse `args` and `steps` (a bare
 state dict is accepted too). It is read with torch.load(weights_only=True), argparse.Namespace allowed, so no
@@ -23,6 +30,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from class_cond.models import SIT_PRESETS, build_sit
+from core.config import ObjectiveConfig, to_dict
 from core.latents import DEFAULT_VAE, SD_VAE_SCALE
 
 
@@ -117,8 +125,13 @@ def load_repa_checkpoint(path: str, use_ema: bool = True, **model_overrides) -> 
     return model
 
 
-def _load(path: str, use_ema: bool, overrides: dict) -> tuple[nn.Module, dict, dict]:
+def _load(path: str, use_ema: bool, overrides: dict,
+          model_name: Optional[str] = None) -> tuple[nn.Module, dict, dict]:
     state, args, steps = read_repa_checkpoint(path, use_ema)
+    if model_name is not None:
+        if _preset_of(model_name) is None:
+            raise ValueError(f"--model {model_name!r} is not one of our presets (e.g. DiT-XL/2, SiT-L/2, XL/2)")
+        args = {**args, "model": model_name}
     kwargs = infer_sit_kwargs(state, args, **overrides)
     model = build_sit(kwargs)
     check_keys(model, state)
@@ -127,9 +140,20 @@ def _load(path: str, use_ema: bool, overrides: dict) -> tuple[nn.Module, dict, d
     return model.eval().requires_grad_(False), kwargs, {"args": args, "steps": steps}
 
 
-def export_repa(path: str, out: str, use_ema: bool = True, autoencoder: str = DEFAULT_VAE, **overrides) -> str:
-    """Write `out` (.safetensors) and its .json in the layout of core.checkpoint.export_ema, for eval.generate."""
-    model, kwargs, info = _load(path, use_ema, overrides)
+def export_repa(path: str, out: str, use_ema: bool = True, autoencoder: str = DEFAULT_VAE,
+                objective: str = "transport", model_name: Optional[str] = None, **overrides) -> str:
+    """Write `out` (.safetensors) and its .json in the layout of core.checkpoint.export_ema, for eval.generate.
+
+    objective: "transport" (SiT, REPA) or "ddpm" (DiT: needs learned sigma); recorded as the config's objective
+    section with this project's defaults (DiT's 1000 linear steps). model_name: e.g. "DiT-XL/2", the preset that
+    tells the head count when the checkpoint has no args (a bare state dict such as DiT-XL-2-256x256.pt).
+    """
+    if objective not in ("transport", "ddpm"):
+        raise ValueError(f"objective {objective!r} is not one of: transport, ddpm")
+    model, kwargs, info = _load(path, use_ema, overrides, model_name)
+    if objective == "ddpm" and not kwargs["learn_sigma"]:
+        raise ValueError(f"{path!r} predicts {model.out_channels} channels for {model.in_channels}-channel latents: "
+                         "the ddpm objective needs learned sigma (doubled output channels)")
     s = model.input_size
     meta = {
         "step": info["steps"],
@@ -137,6 +161,7 @@ def export_repa(path: str, out: str, use_ema: bool = True, autoencoder: str = DE
         "latent": {"autoencoder": autoencoder, "scale_factor": SD_VAE_SCALE, "shift": 0.0,
                    "shape": [model.in_channels, s, s]},  # the reference trains on SD-VAE latents x 0.18215
         "config": {"imported_from": os.path.abspath(path), "weights": "ema" if use_ema else "model",
+                   "objective": to_dict(ObjectiveConfig(kind=objective)),
                    "args": {k: v if isinstance(v, (int, float, str, bool, type(None))) else str(v)
                             for k, v in info["args"].items()}},
     }
@@ -156,10 +181,14 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--num-heads", type=int, default=None, help="override when args.model does not tell")
     p.add_argument("--repa-depth", type=int, default=None, help="override args.encoder_depth")
     p.add_argument("--vae", default=DEFAULT_VAE, help="autoencoder recorded for decoding (hub id or local path)")
+    p.add_argument("--objective", choices=("transport", "ddpm"), default="transport",
+                   help="transport: a SiT (REPA release); ddpm: a DiT checkpoint (DDPM/DDIM sampling)")
+    p.add_argument("--model", default=None, help="preset name when the checkpoint has no args, e.g. DiT-XL/2")
     args = p.parse_args(argv)
     overrides = {k: v for k, v in (("num_heads", args.num_heads), ("repa_depth", args.repa_depth)) if v is not None}
     try:
-        print(export_repa(args.checkpoint, args.out, args.weights == "ema", args.vae, **overrides))
+        print(export_repa(args.checkpoint, args.out, args.weights == "ema", args.vae, args.objective, args.model,
+                          **overrides))
     except ValueError as err:
         raise SystemExit(f"error: {err}")
 

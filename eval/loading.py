@@ -1,16 +1,19 @@
 """EMA weights for evaluation, from a run directory, a checkpoint directory, or an exported .safetensors file.
 
 Every source yields the same record (`meta`): {"step", "model": {"task", "kwargs"}, "latent": {"autoencoder",
-"scale_factor", "shift", "shape"}, "source"}, which is what core.checkpoint writes in state.json and export .json.
+"scale_factor", "shift", "shape"}, "objective", "source"}, which is what core.checkpoint writes in state.json and
+export .json; "objective" is the training config's objective section (config.yaml of a checkpoint, "config" of an
+export or import), SiT's transport when a record has none.
 """
+import dataclasses
 import json
 import os
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
-from core.checkpoint import latest_checkpoint, read_state
+from core.checkpoint import check_state_dict, latest_checkpoint, load_weights, read_state
+from core.config import ObjectiveConfig
 from eval.tasks import get_task
 
 
@@ -21,6 +24,12 @@ def resolve_weights(source: str) -> tuple[str, dict]:
         ckpt = source if os.path.isfile(os.path.join(source, "state.json")) else latest_checkpoint(source)
         if ckpt is not None:
             weights, meta = os.path.join(ckpt, "ema.safetensors"), read_state(ckpt)
+            config_path = os.path.join(ckpt, "config.yaml")
+            if os.path.isfile(config_path):
+                import yaml
+
+                with open(config_path) as f:
+                    meta["config"] = yaml.safe_load(f) or {}
         elif os.path.isfile(os.path.join(source, "export", "ema.safetensors")):
             return resolve_weights(os.path.join(source, "export", "ema.safetensors"))
         else:
@@ -38,13 +47,30 @@ def resolve_weights(source: str) -> tuple[str, dict]:
         if key not in meta:
             raise ValueError(f"the record of {source!r} has no {key!r} entry (written by an older version); "
                              "re-export it with `python -m core.checkpoint RUN --out FILE`")
+    objective = (meta.get("config") or {}).get("objective") or {}
     return weights, {"step": meta.get("step"), "model": meta["model"], "latent": meta["latent"],
-                     "source": os.path.abspath(source)}
+                     "objective": objective, "source": os.path.abspath(source)}
+
+
+def objective_config(meta: dict) -> ObjectiveConfig:
+    """The ObjectiveConfig a model was trained with, from its record (defaults for keys the record lacks)."""
+    record = meta.get("objective") or {}
+    valid = {f.name for f in dataclasses.fields(ObjectiveConfig)}
+    unknown = sorted(set(record) - valid)
+    if unknown:
+        raise ValueError(f"the record of {meta.get('source')!r} has objective keys {unknown} this version does not "
+                         f"know; valid: {', '.join(sorted(valid))}")
+    return ObjectiveConfig(**record)
 
 
 def load_eval_model(source: str, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
-    """The model of `source` with its EMA weights (strict), in eval mode on `device`, and its meta record."""
+    """The model of `source` with its EMA weights (strict), in eval mode on `device`, and its meta record.
+
+    Weights of another architecture than the record describes are a ValueError naming the first mismatched key
+    and both shapes; a truncated weights file is a ValueError naming the file."""
     weights, meta = resolve_weights(source)
     model = get_task(meta["model"]["task"]).build_model(meta["model"]["kwargs"])
-    model.load_state_dict(load_file(weights), strict=True)
+    state = load_weights(weights)
+    check_state_dict(model.state_dict(), state, weights)
+    model.load_state_dict(state, strict=True)
     return model.to(device).eval().requires_grad_(False), meta

@@ -1,14 +1,20 @@
-"""ODE and SDE samplers of the linear-path flow model: pure functions of a velocity callable.
+"""Samplers, pure functions of a model callable: ODE/SDE for the linear-path flow model (SiT), ancestral DDPM and
+DDIM for the discrete Gaussian diffusion (DiT, core.diffusion).
 
 Conventions (NOTES.md, the REPA reference's generate.py): t = 1 is noise, t = 0 is data, x_t = (1 - t) x0 + t eps,
 `velocity(x, t) -> v` with x (B, ...) and t (B,); the loop runs in float64. Noise comes only from the explicit
 generator(s) passed in, so a sampler can be tested against a closed-form velocity with no network at all.
 
-NFE: ode_sample N steps = N (Euler) or 2N - 1 (Heun, correction skipped on the last step); sde_sample N = N.
+NFE: ode_sample N steps = N (Euler) or 2N - 1 (Heun, correction skipped on the last step); sde_sample N = N;
+ddpm_sample and ddim_sample on an N-step respaced diffusion = N. The diffusion samplers call
+`denoiser(x, t) -> [eps | v]` with t = s / T of the original step s (core.diffusion's time convention), so the
+guidance wrapper and its interval work unchanged.
 """
 from typing import Callable, Sequence, Union
 
 import torch
+
+from core.diffusion import GaussianDiffusion
 
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Generators = Union[torch.Generator, Sequence[torch.Generator]]
@@ -82,3 +88,52 @@ def sde_sample(velocity: Velocity, x1: torch.Tensor, num_steps: int, generator: 
 def _check_steps(num_steps: int, minimum: int = 1) -> None:
     if not isinstance(num_steps, int) or num_steps < minimum:
         raise ValueError(f"num_steps must be an integer >= {minimum}, got {num_steps!r}")
+
+
+def _denoise(denoiser: Velocity, diffusion: GaussianDiffusion, x: torch.Tensor,
+             i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(denoiser output in float64, the (B,) step index i) at step i of `diffusion`."""
+    index = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
+    return denoiser(x, diffusion.t_of(index)).to(torch.float64), index
+
+
+def ddpm_sample(denoiser: Velocity, x_T: torch.Tensor, diffusion: GaussianDiffusion,
+                generator: Generators) -> torch.Tensor:
+    """Ancestral sampling x_{s-1} ~ p(x_{s-1} | x_s) over every step of `diffusion` (respace it for fewer steps).
+
+    denoiser(x, t) -> (B, 2C, ...) [eps | v] (learned variance); x_T: (B, C, ...) noise; generator: one, or one per
+    sample. The last step returns the mean (no noise), as DiT/ADM. Returns x_0 in x_T's dtype; NFE = steps.
+    """
+    x = x_T.to(torch.float64)
+    for i in reversed(range(diffusion.num_timesteps)):
+        out, index = _denoise(denoiser, diffusion, x, i)
+        mean, log_var, _ = diffusion.p_mean_variance(out, x, index)
+        x = mean + torch.exp(0.5 * log_var) * randn(x.shape, generator, x.device) if i > 0 else mean
+    return x.to(x_T.dtype)
+
+
+def ddim_sample(denoiser: Velocity, x_T: torch.Tensor, diffusion: GaussianDiffusion, eta: float = 0.0,
+                generator: Generators | None = None) -> torch.Tensor:
+    """DDIM (Song et al. 2021) over every step of `diffusion`:
+    x_prev = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma^2) eps + sigma z,
+    sigma = eta sqrt((1 - abar_prev) / (1 - abar)) sqrt(1 - abar / abar_prev).
+
+    denoiser(x, t) -> (B, C or 2C, ...), eps in the first C channels; eta = 0 (DiT's default) is deterministic,
+    eta > 0 needs `generator`. Returns x_0 in x_T's dtype; NFE = steps.
+    """
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+    if eta > 0 and generator is None:
+        raise ValueError("ddim_sample with eta > 0 draws noise: pass a generator")
+    x = x_T.to(torch.float64)
+    c = x.shape[1]
+    for i in reversed(range(diffusion.num_timesteps)):
+        out, index = _denoise(denoiser, diffusion, x, i)
+        eps = out[:, :c]
+        x0_hat = diffusion.predict_x0(x, index, eps)
+        abar, abar_prev = diffusion.alphas_cumprod[i].item(), diffusion.alphas_cumprod_prev[i].item()
+        sigma = eta * ((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)) ** 0.5
+        x = abar_prev ** 0.5 * x0_hat + (1 - abar_prev - sigma**2) ** 0.5 * eps
+        if sigma > 0 and i > 0:
+            x = x + sigma * randn(x.shape, generator, x.device)
+    return x.to(x_T.dtype)

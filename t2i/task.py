@@ -50,6 +50,8 @@ class T2IConfig:
         validate_common(self)
         check_choice("model.preset", self.model.preset, tuple(MMDIT_PRESETS))
         check_choice("data.kind", self.data.kind, ("shards", "synthetic"))
+        # The MMDiT has no learned-variance head, which the DDPM objective (class-conditional DiT) needs.
+        check_choice("objective.kind (text-to-image)", self.objective.kind, ("transport",))
         if self.data.kind == "shards":
             check_prepared_dataset("data.path", self.data.path, "t2i", "data_prep.coco")
         if self.repa.coeff > 0:

@@ -141,3 +141,10 @@ def test_caption_choice_is_reproducible_and_varies():
     assert picks == [caption_index(0, p, 5) for p in range(200)]  # a pure function: replays on resume
     assert sorted(set(picks)) == [0, 1, 2, 3, 4]  # all captions get used
     assert picks != [caption_index(1, p, 5) for p in range(200)]  # the seed matters
+
+
+def test_t2i_refuses_the_ddpm_objective():
+    from core.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"objective.kind \(text-to-image\): 'ddpm' is not one of: transport"):
+        load_config(T2IConfig, "configs/debug/t2i_tiny.yaml", ["objective.kind=ddpm"])
