@@ -1,5 +1,5 @@
 # make test : create/refresh .venv (pinned CPU torch first, then the project) and run the test suite
-# make demo : the small end-to-end run on CPU (see README)
+# make demo : the whole text-to-image pipeline, small, on CPU -> outputs/demo/report.md (see README)
 PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
@@ -21,7 +21,7 @@ test: venv
 	$(PY) -m pytest -q
 
 demo: venv
-	$(PY) -m class_cond.train --config configs/debug/class_cond_tiny.yaml run.dir=outputs/demo_class_cond
+	$(PY) -m t2i.demo --out outputs/demo
 
 clean:
 	rm -rf $(VENV) runs outputs

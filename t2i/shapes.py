@@ -38,10 +38,10 @@ def render(c1: str, s1: str, c2: str, s2: str, resolution: int, rng: np.random.G
     """uint8 (H, W, 3): shape s1 in colour c1 in the top half, s2 in c2 in the bottom half, jittered."""
     img = np.empty((resolution, resolution, 3), np.uint8)
     img[:] = BACKGROUND
-    r = max(2, resolution // 7)
+    r, jitter = max(2, resolution // 5), max(1, resolution // 16)  # large shapes: learnable in CPU minutes
     for (colour, shape), half in (((c1, s1), 0), ((c2, s2), 1)):
-        cy = half * resolution // 2 + resolution // 4 + int(rng.integers(-resolution // 16, resolution // 16 + 1))
-        cx = int(rng.integers(r + 1, resolution - r - 1))
+        cy = half * resolution // 2 + resolution // 4 + int(rng.integers(-jitter, jitter + 1))
+        cx = resolution // 2 + int(rng.integers(-2 * jitter, 2 * jitter + 1))
         _draw(img, shape, COLOURS[colour], cy, cx, r)
     return img
 
