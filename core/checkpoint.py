@@ -8,8 +8,9 @@
     run.dir/checkpoints/latest           the newest tag (DeepSpeed's convention)
 
 A checkpoint is staged in checkpoints/.staging/<tag> and renamed into place only when every rank has written its
-part, so a crash during a save leaves the previous checkpoint as the newest complete one. Every step_* directory
-is complete by construction.
+part, so a crash during a save leaves the previous checkpoint as the newest complete one; a failed save raises
+CheckpointSaveError and removes its part. Old checkpoints are renamed into checkpoints/.trash before deletion, so
+every step_* directory is complete by construction.
 
 Trust: DeepSpeed's own files are pickles, so a run directory is trusted input (see the README); our files are
 safetensors and JSON.
@@ -23,6 +24,7 @@ import shutil
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from core.config import save_config
@@ -96,8 +98,15 @@ def set_rng_state(state: dict) -> None:
 # ------------------------------------------------------------------------------------------------------ save/load
 
 
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint that could not be written; the previous complete checkpoints are untouched."""
+
+
 def save_checkpoint(run_dir: str, engine, ema, state: dict, cfg, rank: int, keep_last: int) -> str:
-    """Write checkpoint `state["step"]` atomically; every rank must call this. Returns the checkpoint path."""
+    """Write checkpoint `state["step"]` atomically; every rank must call this. Returns the checkpoint path.
+
+    A failure while writing (a full disk, a failing writer) raises CheckpointSaveError naming the newest complete
+    checkpoint, which is untouched; rank 0 removes the partial one."""
     root = ckpt_root(run_dir)
     staging = os.path.join(root, ".staging")
     tag = tag_for(state["step"])
@@ -105,25 +114,40 @@ def save_checkpoint(run_dir: str, engine, ema, state: dict, cfg, rank: int, keep
         shutil.rmtree(staging, ignore_errors=True)  # leftovers of a save that crashed
         os.makedirs(staging)
     barrier()
-    engine.save_checkpoint(staging, tag=tag, save_latest=False)
     part = os.path.join(staging, tag)
-    write_json_atomic(os.path.join(part, f"rng_rank{rank}.json"), rng_state())
-    ema_state = ema.state_dict(engine.module)  # collective under ZeRO-3: every rank takes part
-    if rank == 0:
-        save_file(ema_state, os.path.join(part, "ema.safetensors"), metadata={"step": str(state["step"])})
-        save_config(cfg, os.path.join(part, "config.yaml"))
-        write_json_atomic(os.path.join(part, "state.json"), state)  # written last: marks the part complete
+    try:
+        engine.save_checkpoint(staging, tag=tag, save_latest=False)
+        write_json_atomic(os.path.join(part, f"rng_rank{rank}.json"), rng_state())
+        ema_state = ema.state_dict(engine.module)  # collective under ZeRO-3: every rank takes part
+        if rank == 0:
+            with atomic_path(os.path.join(part, "ema.safetensors")) as tmp:
+                save_file(ema_state, tmp, metadata={"step": str(state["step"])})
+            save_config(cfg, os.path.join(part, "config.yaml"))
+            write_json_atomic(os.path.join(part, "state.json"), state)  # written last: marks the part complete
+    except Exception as err:
+        if rank == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+        newest = latest_checkpoint(run_dir)
+        raise CheckpointSaveError(
+            f"checkpoint {tag} of {run_dir} could not be written ({type(err).__name__}: {err}); "
+            f"the newest complete checkpoint, {newest or '(none yet)'}, is intact"
+        ) from err
     barrier()
     final = os.path.join(root, tag)
     if rank == 0:
-        if os.path.exists(final):  # the same step saved again (e.g. a signal right after a periodic save)
-            shutil.rmtree(final)
+        trash = os.path.join(root, ".trash")
+        shutil.rmtree(trash, ignore_errors=True)
+        os.makedirs(trash)
+        if os.path.exists(final):  # the same step saved again: move the old copy aside, never delete it first
+            os.replace(final, os.path.join(trash, tag))
         os.replace(part, final)
         _fsync_dir(root)
         write_text_atomic(os.path.join(root, "latest"), tag)
         shutil.rmtree(staging, ignore_errors=True)
+        # renamed out of step_* before deletion, so a kill mid-delete leaves no incomplete step_* directory
         for _, old in list_checkpoints(run_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            os.replace(old, os.path.join(trash, os.path.basename(old)))
+        shutil.rmtree(trash, ignore_errors=True)
     barrier()
     return final
 
@@ -136,6 +160,32 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def load_weights(path: str) -> dict[str, torch.Tensor]:
+    """The tensors of a .safetensors file; a missing, truncated or foreign file is a ValueError naming it."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"weights file {path!r} does not exist")
+    try:
+        return load_file(path)
+    except SafetensorError as err:
+        raise ValueError(f"{path!r} is not a readable safetensors file (truncated or corrupt?): {err}") from None
+
+
+def check_state_dict(expected: dict, state: dict, source: str) -> None:
+    """Strict match of names and shapes of `state` (loaded from `source`) against `expected` (a model's
+    state_dict); a ValueError names the first mismatched key and both shapes."""
+    for key, ours in expected.items():
+        if key not in state:
+            raise ValueError(f"{source!r} lacks key {key!r} (model shape {tuple(ours.shape)}): it was saved from "
+                             "another architecture than its record describes")
+        if tuple(state[key].shape) != tuple(ours.shape):
+            raise ValueError(f"{source!r}: key {key!r} has shape {tuple(state[key].shape)} in the file but "
+                             f"{tuple(ours.shape)} in the model built from its record (another architecture?)")
+    extra = [k for k in state if k not in expected]
+    if extra:
+        raise ValueError(f"{source!r} has key {extra[0]!r} (shape {tuple(state[extra[0]].shape)}) that the model "
+                         f"built from its record lacks ({len(extra)} such keys)")
+
+
 def load_checkpoint(ckpt_dir: str, engine, ema, rank: int, world_size: int) -> dict:
     """Restore model, optimizer, EMA and (same world size) this rank's RNG streams; returns state.json."""
     state = read_state(ckpt_dir)
@@ -143,7 +193,7 @@ def load_checkpoint(ckpt_dir: str, engine, ema, rank: int, world_size: int) -> d
     load_path, _ = engine.load_checkpoint(root, tag=tag)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir}")
-    ema.load_state_dict(load_file(os.path.join(ckpt_dir, "ema.safetensors")))
+    ema.load_state_dict(load_weights(os.path.join(ckpt_dir, "ema.safetensors")))
     rng_file = os.path.join(ckpt_dir, f"rng_rank{rank}.json")
     if state.get("world_size") == world_size and os.path.isfile(rng_file):
         with open(rng_file) as f:
@@ -163,7 +213,7 @@ def export_ema(run_dir: str, out_path: str, ckpt_dir: str | None = None) -> str:
     ckpt_dir = ckpt_dir or latest_checkpoint(run_dir)
     if ckpt_dir is None:
         raise FileNotFoundError(f"run directory {run_dir!r} has no complete checkpoint to export")
-    weights = load_file(os.path.join(ckpt_dir, "ema.safetensors"))
+    weights = load_weights(os.path.join(ckpt_dir, "ema.safetensors"))
     with open(os.path.join(ckpt_dir, "config.yaml")) as f:
         config = yaml.safe_load(f)
     state = read_state(ckpt_dir)

@@ -23,6 +23,7 @@ def parse_train_args(config_cls: type, argv: list[str] | None, description: str)
 
 def run_training(config_cls: type, task_cls: type, argv: list[str] | None, description: str) -> int:
     """Parse the command line, then train; config problems exit with code 2 and one clear line."""
+    from core.checkpoint import CheckpointSaveError
     from core.trainer import NonFiniteLossError, train
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -32,6 +33,6 @@ def run_training(config_cls: type, task_cls: type, argv: list[str] | None, descr
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    except NonFiniteLossError as err:
+    except (NonFiniteLossError, CheckpointSaveError) as err:
         print(f"training stopped: {err}", file=sys.stderr)
         return 1

@@ -4,6 +4,8 @@ import os
 
 from tqdm import tqdm
 
+from core.fileio import append_line
+
 JSONL_KEYS = ("step", "loss", "denoise_loss", "repa_loss", "grad_norm", "lr", "img_per_s")
 
 
@@ -23,8 +25,7 @@ class MetricsLogger:
     def log(self, record: dict) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_line(self.path, json.dumps(record))  # a line is written whole or not at all
         if self.tb is not None:
             for k, v in record.items():
                 if k != "step" and isinstance(v, (int, float)):
@@ -44,4 +45,5 @@ def read_metrics(run_dir: str) -> list[dict]:
     if not os.path.isfile(path):
         return []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = f.read().split("\n")
+    return [json.loads(line) for line in lines[:-1] if line.strip()]  # a last line torn by a kill is dropped

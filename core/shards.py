@@ -127,6 +127,14 @@ def read_manifest(root: str) -> dict:
             raise ShardFormatError(f"{path}: missing key {key!r}")
     if manifest["num_samples"] <= 0 or not manifest["shards"]:
         raise ShardFormatError(f"dataset {root!r} is empty (manifest lists {manifest['num_samples']} samples)")
+    # a shared dataset's manifest names files inside its own directory only (no ../ or absolute paths)
+    names = [("shards[].name", s.get("name") if isinstance(s, dict) else s) for s in manifest["shards"]]
+    names += [(k, manifest[k]) for k in ("null_text_embedding", "fid_captions") if k in manifest]
+    if isinstance(manifest.get("fid_stats"), dict):
+        names.append(("fid_stats.file", manifest["fid_stats"].get("file")))
+    for key, name in names:
+        if not isinstance(name, str) or not name or os.path.basename(name) != name or name in (".", ".."):
+            raise ShardFormatError(f"{path}: {key} {name!r} is not a file name in the dataset directory")
     return manifest
 
 

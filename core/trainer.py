@@ -130,6 +130,7 @@ def apply_optimizer_settings(engine, train_cfg) -> None:
 
 def train(cfg, task: Task) -> int:
     """Run (or resume) training as configured; returns the process exit code (0 done, 75 preempted)."""
+    signals = SignalFlag()  # first: a preemption signal during start-up must not kill the job un-requeued
     ctx = setup_distributed()
     run_dir = cfg.run.dir
     # Configuration errors come before anything expensive: batch layout, resume compatibility, the dataset.
@@ -190,7 +191,6 @@ def train(cfg, task: Task) -> int:
     loader = iter(make_loader(dataset, sampler, micro, cfg.train.num_workers, pin_memory=ctx.device.type == "cuda"))
 
     logger = MetricsLogger(run_dir, ctx.is_main, cfg.train.tensorboard)
-    signals = SignalFlag()
     window = {"loss": [], "denoise_loss": [], "repa_loss": []}
     t_window, window_steps = time.perf_counter(), 0
     bar = tqdm(total=cfg.train.max_steps, initial=state["step"], disable=not ctx.is_main, desc="train",

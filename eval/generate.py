@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from core.fileio import atomic_path, write_json_atomic
 from core.latents import build_autoencoder
 from core.transport import build_objective
 from eval.guidance import GuidedVelocity
@@ -148,9 +149,8 @@ class Generator:
 
 def write_png(path: str, image: torch.Tensor) -> None:
     """uint8 (3, H, W) -> PNG, written to a temporary name and renamed so a PNG is complete or absent."""
-    tmp = f"{path}.tmp{os.getpid()}.png"
-    Image.fromarray(image.permute(1, 2, 0).cpu().numpy()).save(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(image.permute(1, 2, 0).cpu().numpy()).save(tmp, format="PNG")
 
 
 def check_settings(out_dir: str, settings: dict) -> None:
@@ -165,9 +165,7 @@ def check_settings(out_dir: str, settings: dict) -> None:
                              f"{[old.get(k) for k in diff]} there, {[settings.get(k) for k in diff]} now); "
                              "use another --out")
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(settings, f, indent=1)
-    os.replace(path + ".tmp", path)
+    write_json_atomic(path, settings)
 
 
 def write_npz(out_dir: str, num_samples: int, labels: Optional[np.ndarray]) -> str:
@@ -175,8 +173,7 @@ def write_npz(out_dir: str, num_samples: int, labels: Optional[np.ndarray]) -> s
     first = np.asarray(Image.open(image_path(out_dir, 0)).convert("RGB"))
     shape = (num_samples, *first.shape)
     path = os.path.join(out_dir, NPZ_FILE)
-    tmp = path + ".tmp"
-    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
         with zf.open("arr_0.npy", "w", force_zip64=True) as f:
             np.lib.format.write_array_header_2_0(f, {"descr": "|u1", "fortran_order": False, "shape": shape})
             for i in range(num_samples):
@@ -187,7 +184,6 @@ def write_npz(out_dir: str, num_samples: int, labels: Optional[np.ndarray]) -> s
         if labels is not None:
             with zf.open("arr_1.npy", "w") as f:
                 np.lib.format.write_array(f, np.asarray(labels, dtype=np.int64))
-    os.replace(tmp, path)
     return path
 
 

@@ -21,6 +21,7 @@ import argparse
 import json
 import math
 import os
+import pickle
 import re
 from typing import Optional
 
@@ -36,8 +37,13 @@ from core.latents import DEFAULT_VAE, SD_VAE_SCALE
 
 def read_repa_checkpoint(path: str, use_ema: bool = True) -> tuple[dict, dict, Optional[int]]:
     """(state dict, args as a dict, steps) of a reference checkpoint; `use_ema` picks `ema` over `model`."""
-    torch.serialization.add_safe_globals([argparse.Namespace])
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    with torch.serialization.safe_globals([argparse.Namespace]):  # scoped: not left allowed process-wide
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            detail = next((line for line in str(err).splitlines() if "global" in line.lower()), "")
+            raise ValueError(f"{path!r} holds Python objects other than tensors and argparse.Namespace; refused "
+                             f"(torch.load weights_only=True). {detail}") from None
     if not isinstance(ckpt, dict):
         raise ValueError(f"{path!r} holds a {type(ckpt).__name__}, not a checkpoint dict")
     if "ema" in ckpt or "model" in ckpt:

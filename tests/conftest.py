@@ -15,6 +15,9 @@ TINY = os.path.join(REPO, "configs", "debug", "class_cond_tiny.yaml")
 def cpu_env(**extra) -> dict:
     env = dict(os.environ)
     env.update(DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    # The venv's ninja first: a second (system) ninja records build commands differently, and processes sharing
+    # the torch-extensions cache would rebuild DeepSpeed's op each time they alternate (30-80 s each).
+    env["PATH"] = BIN + os.pathsep + env.get("PATH", "")
     env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(os.path.expanduser("~"), ".cache", "torch_extensions"))
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)

@@ -1,0 +1,160 @@
+"""slurm/: the sbatch scripts on a real one-node Slurm cluster started on this machine (tests/slurm_cluster.py).
+
+One tiny text-to-image run on 2 CPU ranks through `sbatch slurm/train_coco.sh`: USR1 to the batch shell mid-run
+(`scancel --signal=USR1 --batch`), which must make the trainer checkpoint, the job requeue itself, resume from
+that step in the appended log and finish with the configured step count.
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, cpu_env
+from slurm_cluster import SlurmCluster, ensure_installed
+
+MAX_STEPS = 30
+SIGNAL_AFTER = 3  # steps logged before the signal: the trainer is past start-up and far from the end
+TIMEOUT = 240  # seconds per phase; the machine is shared with other test runs
+ACTIVE = ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING")
+
+
+def test_scripts_are_valid_bash_and_thin():
+    scripts = sorted(f for f in os.listdir(os.path.join(REPO, "slurm")) if f.endswith(".sh"))
+    assert {"common.sh", "train_coco.sh", "train_imagenet256.sh", "train_imagenet512.sh", "eval_fid.sh",
+            "prep_coco.sh"} <= set(scripts)
+    for name in scripts:
+        path = os.path.join(REPO, "slurm", name)
+        assert subprocess.run(["bash", "-n", path], capture_output=True).returncode == 0, name
+        if name == "common.sh":
+            continue
+        lines = open(path).read().replace("\\\n", " ").splitlines()  # continuation lines joined
+        code = [l for l in lines if l.strip() and not l.startswith("#")]
+        assert len(code) == 1 and code[0].startswith("exec ") and "slurm/common.sh" in code[0], (name, code)
+        config = re.search(r"(configs/\S+\.yaml)", code[0])
+        assert config is None or os.path.isfile(os.path.join(REPO, config.group(1))), (name, config)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    if os.geteuid() != 0:
+        pytest.skip("a local Slurm cluster needs root (munged/slurmd as root, apt-get to install)")
+    why = ensure_installed()
+    if why:
+        pytest.skip(why)
+    c = SlurmCluster.start(str(tmp_path_factory.mktemp("slurm_cluster")))
+    yield c
+    c.stop()
+
+
+def job_env(**extra) -> dict:
+    """cpu_env for jobs that activate this venv. Its PATH puts the venv's ninja (1.13) before the system one
+    (1.11), whose build logs hash commands differently: sharing one extension cache, each would rebuild
+    DeepSpeed's shm op (30-80 s on this machine) after the other; a cache of their own builds it once."""
+    cache = os.path.join(os.path.expanduser("~"), ".cache", "torch_extensions_venv")
+    return cpu_env(VENV=sys.prefix, TORCH_EXTENSIONS_DIR=cache, **extra)
+
+
+def _nudge(cluster, job) -> bool:
+    """Start a requeued job now instead of after its begin-time delay, once its last run has left the node
+    (started earlier, Slurm kills it: "Job credential revoked")."""
+    if re.search(r"State=IDLE\b", cluster.scontrol("show", "node", cluster.node)):
+        cluster.scontrol("update", f"JobId={job}", "StartTime=now")
+    return False
+
+
+def _logged_steps(run_dir) -> list[int]:
+    try:
+        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+            return [json.loads(line)["step"] for line in f if line.strip()]
+    except (OSError, ValueError):
+        return []
+
+
+def _checkpoints(run_dir) -> list[int]:
+    root = os.path.join(run_dir, "checkpoints")
+    names = os.listdir(root) if os.path.isdir(root) else []
+    return sorted(int(n[5:]) for n in names if re.fullmatch(r"step_\d{8,}", n))
+
+
+@pytest.fixture(scope="module")
+def coco_job(cluster, tmp_path_factory):
+    """`sbatch slurm/train_coco.sh` with the tiny T2I config on 2 CPU ranks, USR1 to the batch shell after
+    SIGNAL_AFTER logged steps, followed to its end; -> dict(job, run_dir, log text, checkpoints at the requeue
+    and at the end, final scontrol record)."""
+    tmp = tmp_path_factory.mktemp("coco_job")
+    run_dir, log = tmp / "run", tmp / "train.out"
+    env = job_env(CONFIG="configs/debug/t2i_tiny.yaml", RUN_DIR=str(run_dir))
+    # The script's #SBATCH lines ask for 8 GPUs; flags override them: 2 CPU ranks (GPUS_PER_NODE 0 -> gloo).
+    job = cluster.sbatch(["--gpus-per-node=0", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=10",
+                          f"--output={log}", "slurm/train_coco.sh", f"train.max_steps={MAX_STEPS}",
+                          "train.ckpt_every=1000", "train.log_every=1", "train.num_workers=0",
+                          "train.tensorboard=false", "data.synthetic_samples=128"], env=env, cwd=REPO)
+    text = lambda: log.read_text() if log.exists() else ""  # noqa: E731
+    state, wait = lambda: cluster.job(job), cluster.wait_for  # noqa: E731
+    try:
+        wait(lambda: len(_logged_steps(run_dir)) >= SIGNAL_AFTER or state().get("JobState") not in
+             ("PENDING", "RUNNING", "CONFIGURING"), TIMEOUT, "training to start", every=0.5)
+        assert state().get("JobState") == "RUNNING", (state(), text()[-3000:])
+        subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=cluster.env, check=True, timeout=30)
+        # The batch shell forwards the signal, the ranks checkpoint and exit 75, the shell requeues the job.
+        wait(lambda: int(state().get("Restarts", 0)) >= 1, TIMEOUT, "the job to requeue itself")
+        at_requeue = _checkpoints(run_dir)
+        # A requeued job may wait out a begin-time delay (~120 s) unless told to start now.
+        wait(lambda: state().get("JobState") != "PENDING" or _nudge(cluster, job), TIMEOUT,
+             "the requeued job to start", every=2.0)
+        wait(lambda: state().get("JobState") not in ACTIVE, TIMEOUT, "the resumed job to finish")
+    except TimeoutError as e:
+        raise AssertionError(f"{e}\njob: {state()}\nlog:\n{text()[-5000:]}") from None
+    return dict(job=job, run_dir=run_dir, log=text(), at_requeue=at_requeue, at_end=_checkpoints(run_dir),
+                final=state())
+
+
+def test_train_coco_requeues_on_usr1_and_resumes(coco_job, capsys):
+    out, final, saved, run_dir = coco_job["log"], coco_job["final"], coco_job["at_requeue"], coco_job["run_dir"]
+    resumed = re.findall(r"resumed from (\S+) at step (\d+)", out)
+    saves = re.findall(r"checkpoint (\S+) written in ([\d.]+) s", out)
+    with capsys.disabled():
+        print(f"\n[slurm] job {coco_job['job']}: {final.get('JobState')} exit {final.get('ExitCode')} after "
+              f"{final.get('Restarts')} requeue(s); checkpoints {saved} at the requeue, {coco_job['at_end']} "
+              "at the end")
+        key = re.compile(r"\[20\S+ (job|USR1|requeu|train).*|(resumed from|checkpoint /\S+ written|training done) .*")
+        for line in out.splitlines():  # the evidence, without the progress bars sharing its lines
+            if m := key.search(line):
+                print(f"[slurm] log: {m.group(0)[:160]}")
+    assert saved and SIGNAL_AFTER <= saved[-1] < MAX_STEPS, (saved, out[-3000:])
+    assert final.get("JobState") == "COMPLETED" and final.get("ExitCode") == "0:0", (final, out[-3000:])
+    assert final.get("Restarts") == "1", final
+    assert "USR1: asking the trainer to checkpoint" in out and "training step exited 75" in out, out[-3000:]
+    assert f"requeueing job {coco_job['job']}" in out and "(restart 1)" in out, out[-3000:]
+    assert resumed == [(os.path.join(str(run_dir), "checkpoints", f"step_{saved[-1]:08d}"), str(saved[-1]))], out
+    assert f"training done at step {MAX_STEPS}" in out and "training step exited 0" in out, out[-3000:]
+    steps = _logged_steps(run_dir)
+    assert steps == list(range(1, MAX_STEPS + 1)), steps  # each step logged once: none lost or redone
+    assert coco_job["at_end"][-1] == MAX_STEPS
+    assert len(saves) == 2 and all(float(s) < 30 for _, s in saves), saves
+
+
+def test_eval_fid_job_on_the_trained_run(cluster, coco_job, tmp_path, capsys):
+    """`sbatch slurm/eval_fid.sh RUN ...`: accelerate launch with 2 CPU processes, proxy FID of the final EMA."""
+    run_dir, log = coco_job["run_dir"], tmp_path / "eval.out"
+    val = run_dir / "data" / "val"  # the tiny config's generated val split: captions and reference statistics
+    job = cluster.sbatch(["--gpus-per-node=0", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=10",
+                          f"--output={log}", "slurm/eval_fid.sh", str(run_dir), "--cond-file", str(val),
+                          "--sampler", "ode", "--steps", "4", "--cfg", "2.0", "--num-samples", "8", "--batch-size",
+                          "4", "--ref", str(val), "--features", "proxy", "--no-is", "--no-prec-recall",
+                          "--out", str(tmp_path / "samples")], env=job_env(), cwd=REPO)
+    try:
+        cluster.wait_for(lambda: cluster.job(job).get("JobState") not in ACTIVE, TIMEOUT, "the eval job to finish")
+    except TimeoutError as e:
+        raise AssertionError(f"{e}\n{log.read_text()[-5000:] if log.exists() else ''}") from None
+    out, final = log.read_text(), cluster.job(job)
+    assert final.get("JobState") == "COMPLETED" and final.get("ExitCode") == "0:0", (final, out[-3000:])
+    assert "rank 0: 4 images" in out and "rank 1: 4 images" in out, out[-3000:]
+    metrics = json.loads((tmp_path / "samples" / "metrics.json").read_text())
+    assert metrics["is_proxy"] and metrics["num_samples"] == 8 and metrics["checkpoint_step"] == MAX_STEPS, metrics
+    with capsys.disabled():
+        print(f"\n[slurm] eval job {job}: {final.get('JobState')}, proxy FID {metrics['proxy_fid']:.3f} of the "
+              f"step-{metrics['checkpoint_step']} EMA from 2 accelerate processes")
