@@ -170,20 +170,21 @@ def load_weights(path: str) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path!r} is not a readable safetensors file (truncated or corrupt?): {err}") from None
 
 
-def check_state_dict(expected: dict, state: dict, source: str) -> None:
-    """Strict match of names and shapes of `state` (loaded from `source`) against `expected` (a model's
-    state_dict); a ValueError names the first mismatched key and both shapes."""
+def check_state_dict(expected: dict, state: dict, source: str,
+                     model: str = "the model built from its record") -> None:
+    """Strict match of names and shapes of `state` (loaded from `source`) against `expected` (the state_dict of
+    `model`, as named in messages); a ValueError names the first mismatched key and both shapes."""
     for key, ours in expected.items():
         if key not in state:
-            raise ValueError(f"{source!r} lacks key {key!r} (model shape {tuple(ours.shape)}): it was saved from "
-                             "another architecture than its record describes")
+            raise ValueError(f"{source!r} lacks key {key!r} (model shape {tuple(ours.shape)}), which {model} has: "
+                             "another architecture?")
         if tuple(state[key].shape) != tuple(ours.shape):
             raise ValueError(f"{source!r}: key {key!r} has shape {tuple(state[key].shape)} in the file but "
-                             f"{tuple(ours.shape)} in the model built from its record (another architecture?)")
+                             f"{tuple(ours.shape)} in {model} (another architecture?)")
     extra = [k for k in state if k not in expected]
     if extra:
-        raise ValueError(f"{source!r} has key {extra[0]!r} (shape {tuple(state[extra[0]].shape)}) that the model "
-                         f"built from its record lacks ({len(extra)} such keys)")
+        raise ValueError(f"{source!r} has key {extra[0]!r} (shape {tuple(state[extra[0]].shape)}) that {model} "
+                         f"lacks ({len(extra)} such keys)")
 
 
 def load_checkpoint(ckpt_dir: str, engine, ema, rank: int, world_size: int) -> dict:

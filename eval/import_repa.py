@@ -31,6 +31,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from class_cond.models import SIT_PRESETS, build_sit
+from core.checkpoint import check_state_dict
 from core.config import ObjectiveConfig, to_dict
 from core.latents import DEFAULT_VAE, SD_VAE_SCALE
 
@@ -105,19 +106,9 @@ def _preset_of(model_name: Optional[str]) -> Optional[str]:
     return name if name in SIT_PRESETS else None
 
 
-def check_keys(model: nn.Module, state: dict) -> None:
+def check_keys(model: nn.Module, state: dict, source: str = "checkpoint") -> None:
     """Strict match of names and shapes; raises naming the first mismatched key (and both shapes)."""
-    ours = model.state_dict()
-    for key in ours:
-        if key not in state:
-            raise ValueError(f"checkpoint lacks key {key!r} (our shape {tuple(ours[key].shape)})")
-        if tuple(state[key].shape) != tuple(ours[key].shape):
-            raise ValueError(f"key {key!r}: checkpoint shape {tuple(state[key].shape)}, "
-                             f"our model {tuple(ours[key].shape)}")
-    extra = [k for k in state if k not in ours]
-    if extra:
-        raise ValueError(f"checkpoint has key {extra[0]!r} (shape {tuple(state[extra[0]].shape)}) that our model "
-                         f"lacks ({len(extra)} such keys)")
+    check_state_dict(model.state_dict(), state, source, model="our model")
 
 
 def load_repa_checkpoint(path: str, use_ema: bool = True, **model_overrides) -> nn.Module:
@@ -140,7 +131,7 @@ def _load(path: str, use_ema: bool, overrides: dict,
         args = {**args, "model": model_name}
     kwargs = infer_sit_kwargs(state, args, **overrides)
     model = build_sit(kwargs)
-    check_keys(model, state)
+    check_keys(model, state, path)
     model.load_state_dict(state, strict=True)
     model.sit_kwargs, model.repa_steps = kwargs, steps
     return model.eval().requires_grad_(False), kwargs, {"args": args, "steps": steps}

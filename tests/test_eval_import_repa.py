@@ -64,7 +64,7 @@ def test_strict_key_check_names_the_first_mismatch(tmp_path):
     model = build_sit(SMALL)
     sd = dict(model.state_dict())
     bad = dict(sd, **{"blocks.1.mlp.fc1.weight": torch.zeros(7, 48)})
-    with pytest.raises(ValueError, match=r"'blocks.1.mlp.fc1.weight': checkpoint shape \(7, 48\), our model \(192, 48\)"):
+    with pytest.raises(ValueError, match=r"key 'blocks.1.mlp.fc1.weight' has shape \(7, 48\) in the file but \(192, 48\) in our model"):
         check_keys(model, bad)
     with pytest.raises(ValueError, match="lacks key 'final_layer.linear.bias'"):
         check_keys(model, {k: v for k, v in sd.items() if k != "final_layer.linear.bias"})
