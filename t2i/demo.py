@@ -32,6 +32,9 @@ def run(cmd: list[str], log: list) -> float:
     shown = shlex.join(os.path.relpath(c, REPO) if c.startswith(REPO + os.sep) else c for c in cmd)
     print(f"\n$ {shown}", flush=True)
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    # One thread per process: on a small CPU shared with anything else, torch's default thread count makes
+    # OpenMP spin and each op ~50x slower (measured: eval.generate at 0.8 img/s beside a busy process).
+    env.setdefault("OMP_NUM_THREADS", "1")
     t0 = time.perf_counter()
     subprocess.run(cmd, cwd=REPO, env=env, check=True)
     seconds = time.perf_counter() - t0
@@ -83,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="outputs/demo")
     p.add_argument("--train-images", type=int, default=2048)
     p.add_argument("--steps", type=int, default=1500, help="training steps (global batch 32)")
-    p.add_argument("--samples", type=int, default=256, help="val captions sampled per sampler")
+    p.add_argument("--samples", type=int, default=128, help="val captions sampled per sampler")
     p.add_argument("--sde-steps", type=int, default=250, help="SDE NFE (the paper: 250)")
     p.add_argument("--cfg", type=float, default=3.0)
     args = p.parse_args(argv)
