@@ -69,8 +69,6 @@ def load_samples(sample_dir: str) -> np.ndarray:
 
 def null_caption_samples(run_dir: str, val_dir: str, n: int, steps: int) -> np.ndarray:
     """Samples of the same model with every caption replaced by the empty one (the unconditional baseline)."""
-    import torch
-
     from eval.loading import load_eval_model
     from t2i.sample import sample_images
     from t2i.task import load_null_context
@@ -166,7 +164,7 @@ def write_report(out: str, m: dict, args) -> None:
         "## Proxy FID", "",
         "Against the val split's statistics under **random-init features**: a PROXY FID that only compares these "
         "samplers and runs with each other; it is not comparable to any published FID.", "",
-        f"| sampler | proxy FID |", "|---|---|",
+        "| sampler | proxy FID |", "|---|---|",
         f"| ODE NFE {m['ode']['nfe']} | {m['ode']['proxy_fid']:.2f} |",
         f"| SDE NFE {m['sde']['nfe']} | {m['sde']['proxy_fid']:.2f} |", "",
         "## Pictures", "", "![ODE samples](samples_ode.png)", "", "![SDE samples](samples_sde.png)", "",

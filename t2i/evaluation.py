@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from core.shards import ShardReader, decode_value, read_manifest
-from eval.tasks import EvalTask, register_task
+from eval.tasks import EvalTask
 from t2i.mmdit import build_mmdit
 from t2i.task import load_null_context
 
@@ -70,5 +70,4 @@ class CaptionConditioner:
         return None
 
 
-T2I_EVAL = EvalTask("t2i", build_model=build_mmdit, make_conditioner=CaptionConditioner)
-register_task(T2I_EVAL)
+T2I_EVAL = EvalTask("t2i", build_model=build_mmdit, make_conditioner=CaptionConditioner)  # eval/tasks.py finds it

@@ -15,7 +15,6 @@ import sys
 import numpy as np
 import torch
 
-import t2i.evaluation  # noqa: F401  (registers the t2i task with eval)
 from core.latents import build_autoencoder
 from eval.guidance import GuidedVelocity
 from eval.loading import load_eval_model, resolve_weights
