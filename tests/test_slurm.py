@@ -60,7 +60,8 @@ def job_env(**extra) -> dict:
 def _nudge(cluster, job) -> bool:
     """Start a requeued job now instead of after its begin-time delay, once its last run has left the node
     (started earlier, Slurm kills it: "Job credential revoked")."""
-    if re.search(r"State=IDLE\b", cluster.scontrol("show", "node", cluster.node)):
+    # Plain IDLE: "IDLE+COMPLETING" means the last run is still being cleaned up, too early to start.
+    if re.search(r"State=IDLE\s", cluster.scontrol("show", "node", cluster.node)):
         cluster.scontrol("update", f"JobId={job}", "StartTime=now")
     return False
 
