@@ -57,15 +57,6 @@ def job_env(**extra) -> dict:
     return cpu_env(VENV=sys.prefix, TORCH_EXTENSIONS_DIR=cache, **extra)
 
 
-def _nudge(cluster, job) -> bool:
-    """Start a requeued job now instead of after its begin-time delay, once its last run has left the node
-    (started earlier, Slurm kills it: "Job credential revoked")."""
-    # Plain IDLE: "IDLE+COMPLETING" means the last run is still being cleaned up, too early to start.
-    if re.search(r"State=IDLE\s", cluster.scontrol("show", "node", cluster.node)):
-        cluster.scontrol("update", f"JobId={job}", "StartTime=now")
-    return False
-
-
 def _logged_steps(run_dir) -> list[int]:
     try:
         with open(os.path.join(run_dir, "metrics.jsonl")) as f:
@@ -103,9 +94,9 @@ def coco_job(cluster, tmp_path_factory):
         # The batch shell forwards the signal, the ranks checkpoint and exit 75, the shell requeues the job.
         wait(lambda: int(state().get("Restarts", 0)) >= 1, TIMEOUT, "the job to requeue itself")
         at_requeue = _checkpoints(run_dir)
-        # A requeued job may wait out a begin-time delay (~120 s) unless told to start now.
-        wait(lambda: state().get("JobState") != "PENDING" or _nudge(cluster, job), TIMEOUT,
-             "the requeued job to start", every=2.0)
+        # Slurm starts the requeued job itself after its begin-time delay (~120 s): forcing it earlier raced the
+        # clean-up of the last run on a quiet machine (the job died at launch, "job credential revoked").
+        wait(lambda: state().get("JobState") != "PENDING", TIMEOUT, "the requeued job to start", every=2.0)
         wait(lambda: state().get("JobState") not in ACTIVE, TIMEOUT, "the resumed job to finish")
     except TimeoutError as e:
         raise AssertionError(f"{e}\njob: {state()}\nlog:\n{text()[-5000:]}") from None
