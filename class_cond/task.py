@@ -8,11 +8,13 @@ from core.config import (ObjectiveConfig, RepaConfig, RunConfig, TrainConfig, ch
                          check_prepared_dataset, validate_common)
 from core.data import SkippingDataset
 from core.dist import DistContext, barrier
+from core.latents import latent_layout
+from core.layers import check_labels
 from core.shards import ShardReader, feature_key, read_manifest
 from core.trainer import DataInfo
 from core.transport import build_objective
 
-from class_cond.data import decode_class_cond, make_synthetic_class_cond
+from class_cond.data import SYNTHETIC_FACTOR, decode_class_cond, make_synthetic_class_cond
 from class_cond.models import SIT_PRESETS, build_sit
 
 
@@ -41,11 +43,11 @@ class ClassCondConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
 
-    def validate(self) -> None:
+    def validate(self, check_data: bool = True) -> None:
         validate_common(self)
         check_choice("model.preset", self.model.preset, tuple(SIT_PRESETS))
         check_choice("data.kind", self.data.kind, ("shards", "synthetic"))
-        if self.data.kind == "shards":
+        if self.data.kind == "shards" and check_data:
             check_prepared_dataset("data.path", self.data.path, "class_cond", "data_prep.imagenet")
         if self.repa.coeff > 0:
             check_block("repa.depth", self.repa.depth, self.model.preset, SIT_PRESETS[self.model.preset]["depth"])
@@ -76,6 +78,22 @@ class ClassCondTask:
         keys = tuple(feature_key(n) for n in feature_names)
         return SkippingDataset(ShardReader(info.root), lambda raw, _: decode_class_cond(raw, need_image, keys))
 
+    def random_data(self, resolution: int) -> DataInfo:
+        """The shapes of this config's data with nothing read (core.bench's random batches): the generated set's
+        for data.kind=synthetic, else ImageNet at `resolution` px in SD-VAE latents, 1000 classes."""
+        d = self.cfg.data
+        if d.kind == "synthetic":
+            resolution, classes, latent = d.synthetic_resolution, d.synthetic_classes, f"pixel-s2d{SYNTHETIC_FACTOR}"
+        else:
+            classes, latent = 1000, "sd-vae"
+        self.num_classes = classes
+        return DataInfo("(random)", {"kind": "class_cond", "resolution": resolution, "num_classes": classes,
+                                     "features": [], "latent": latent_layout(latent, resolution)})
+
+    def random_condition(self, info: DataInfo, n: int, generator: torch.Generator) -> dict:
+        """Batch fields of the condition for `n` random samples (host tensors)."""
+        return {"label": torch.randint(0, self.num_classes, (n,), generator=generator)}
+
     def model_kwargs(self, info: DataInfo, encoder_dims: list[int]) -> dict:
         """Every SiT constructor argument (JSON-serialisable): checkpoints record them so eval needs no data."""
         c, h = info.square_latent()
@@ -89,6 +107,7 @@ class ClassCondTask:
         return build_sit(kwargs, grad_checkpointing=self.cfg.model.grad_checkpointing)
 
     def condition(self, batch: dict, drop: torch.Tensor, device: torch.device) -> dict:
+        check_labels(batch["label"], self.num_classes)  # on the host copy: no device sync
         labels = batch["label"].to(device, non_blocking=True)
         null = torch.full_like(labels, self.num_classes)  # the null class index for CFG (NOTES.md)
         return {"y": torch.where(drop, null, labels)}

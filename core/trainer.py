@@ -15,7 +15,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -128,13 +128,99 @@ def apply_optimizer_settings(engine, train_cfg) -> None:
         group.update(lr=train_cfg.lr, betas=(train_cfg.beta1, train_cfg.beta2), weight_decay=train_cfg.weight_decay)
 
 
+@dataclass
+class TrainingSetup:
+    """What a training step needs, built once by `build_setup`: the engine (model + optimiser), EMA, frozen REPA
+    encoders (none when the dataset stores their features), the objective and the batch layout."""
+    cfg: Any
+    task: Task
+    ctx: DistContext
+    info: DataInfo
+    model_kwargs: dict
+    engine: Any
+    ema: EMA
+    encoders: list
+    objective: Any
+    micro: int  # samples per micro-batch on this rank
+    accum: int  # micro-batches per optimiser step
+    need_image: bool  # batches carry the clean image (REPA encoders run in the step)
+    feature_names: list  # stored encoder features the batches carry instead
+
+
+@dataclass
+class StepResult:
+    skipped: bool  # non-finite loss with train.skip_nonfinite: no update was made
+    losses: list  # one (total, denoising, REPA) triple of detached 0-d tensors per micro-batch run
+    corrupt: int  # corrupt samples the loader passed over in this step's batches
+
+
+def data_needs(cfg, info: DataInfo) -> tuple[bool, list[str]]:
+    """(batches carry the clean image, names of the stored encoder features they carry): REPA reads stored
+    features when the dataset has all of them, else runs its encoders on the image."""
+    names = _split_names(cfg.repa.encoders) if cfg.repa.coeff > 0 else []
+    if info.has_features(names):
+        return False, names
+    return bool(names), []
+
+
+def build_setup(cfg, task: Task, ctx: DistContext, info: DataInfo) -> TrainingSetup:
+    """Build the model (seeded by run.seed, identical on every rank), its DeepSpeed engine, EMA and encoders."""
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True)
+        torch.utils.deterministic.fill_uninitialized_memory = False  # NaN-filling every allocation: 40x slower on CPU
+    need_image, feature_names = data_needs(cfg, info)
+    enc_dims = [encoder_dim(s) for s in cfg.repa.encoders] if cfg.repa.coeff > 0 else []
+    micro, accum = batch_layout(cfg.train.global_batch, cfg.train.micro_batch, ctx.world_size)
+
+    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+    model_kwargs = task.model_kwargs(info, enc_dims)
+    model = task.build_model(model_kwargs)
+    encoders = []
+    if need_image:  # one encoder patch per model token, whatever the encoder's patch size
+        grid = model_kwargs["input_size"] // model_kwargs["patch_size"]
+        encoders = load_encoders(cfg.repa.encoders, info.resolution, device=ctx.device, grid=grid)
+    engine = create_engine(model, cfg.train, build_ds_config(cfg.train, ctx.world_size), ctx.device)
+    return TrainingSetup(cfg, task, ctx, info, model_kwargs, engine, EMA(engine.module, cfg.train.ema_decay),
+                         encoders, build_objective(cfg.objective), micro, accum, need_image, feature_names)
+
+
+def train_step(s: TrainingSetup, batches: Iterator[dict], step: int) -> StepResult:
+    """One optimiser step over `s.accum` micro-batches drawn from `batches`, then the EMA update.
+
+    A non-finite loss on any rank raises NonFiniteLossError, or with train.skip_nonfinite skips the step. Losses
+    stay on the device (no host sync for them); the one sync per micro-batch is the all-rank finiteness check.
+    """
+    cfg, engine = s.cfg, s.engine
+    engine.train()
+    losses, corrupt = [], 0
+    for m in range(s.accum):
+        batch = next(batches)
+        corrupt += batch.get("skipped", 0)
+        g = step_generator(cfg.run.seed, step, s.ctx.rank, m, s.ctx.device)
+        loss, denoise, repa = _micro_loss(cfg, s.task, engine, s.objective, s.encoders, s.info, batch, g,
+                                          s.ctx.device)
+        if any_rank(not torch.isfinite(loss).item(), s.ctx.device):
+            if not cfg.train.skip_nonfinite:
+                last = ckpt.latest_checkpoint(cfg.run.dir)
+                raise NonFiniteLossError(
+                    f"non-finite loss at step {step} (micro-batch {m}); stopping. The newest checkpoint "
+                    f"{last or '(none yet)'} is intact. Set train.skip_nonfinite=true to skip such steps."
+                )
+            return StepResult(True, losses, corrupt)
+        engine.backward(loss)
+        engine.step()
+        losses.append((loss.detach(), denoise, repa))
+    s.ema.update(engine.module)
+    return StepResult(False, losses, corrupt)
+
+
 def train(cfg, task: Task) -> int:
     """Run (or resume) training as configured; returns the process exit code (0 done, 75 preempted)."""
     signals = SignalFlag()  # first: a preemption signal during start-up must not kill the job un-requeued
     ctx = setup_distributed()
     run_dir = cfg.run.dir
     # Configuration errors come before anything expensive: batch layout, resume compatibility, the dataset.
-    ds_config = build_ds_config(cfg.train, ctx.world_size)
+    build_ds_config(cfg.train, ctx.world_size)  # raises on a bad JSON or batch layout
     micro, accum = batch_layout(cfg.train.global_batch, cfg.train.micro_batch, ctx.world_size)
     if cfg.train.skip_nonfinite and accum > 1:
         raise ConfigError("train.skip_nonfinite needs one micro-batch per step (train.micro_batch = global_batch / "
@@ -154,24 +240,8 @@ def train(cfg, task: Task) -> int:
     barrier()
     info = task.prepare_data(ctx)
 
-    if cfg.train.deterministic:
-        torch.use_deterministic_algorithms(True)
-        torch.utils.deterministic.fill_uninitialized_memory = False  # NaN-filling every allocation: 40x slower on CPU
-    use_repa = cfg.repa.coeff > 0
-    enc_names = _split_names(cfg.repa.encoders) if use_repa else []
-    use_feats = info.has_features(enc_names)
-    enc_dims = [encoder_dim(s) for s in cfg.repa.encoders] if use_repa else []
-
-    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
-    model_kwargs = task.model_kwargs(info, enc_dims)
-    model = task.build_model(model_kwargs)
-    encoders = []
-    if use_repa and not use_feats:  # one encoder patch per model token, whatever the encoder's patch size
-        grid = model_kwargs["input_size"] // model_kwargs["patch_size"]
-        encoders = load_encoders(cfg.repa.encoders, info.resolution, device=ctx.device, grid=grid)
-    engine = create_engine(model, cfg.train, ds_config, ctx.device)
-    ema = EMA(engine.module, cfg.train.ema_decay)
-    objective = build_objective(cfg.objective)
+    setup = build_setup(cfg, task, ctx, info)
+    engine, ema, model_kwargs = setup.engine, setup.ema, setup.model_kwargs
     torch.manual_seed(cfg.run.seed * 7919 + ctx.rank)
 
     state = {"step": 0, "skipped_steps": 0, "corrupt_samples": 0, "config_hash": config_hash(cfg),
@@ -186,7 +256,7 @@ def train(cfg, task: Task) -> int:
         if ctx.is_main:
             tqdm.write(f"resumed from {resume_from} at step {state['step']}")
 
-    dataset = task.dataset(info, need_image=use_repa and not use_feats, feature_names=enc_names if use_feats else [])
+    dataset = task.dataset(info, need_image=setup.need_image, feature_names=setup.feature_names)
     sampler = StepSampler(len(dataset), cfg.train.global_batch, ctx.world_size, ctx.rank, cfg.run.seed, state["step"])
     loader = iter(make_loader(dataset, sampler, micro, cfg.train.num_workers, pin_memory=ctx.device.type == "cuda"))
 
@@ -211,33 +281,14 @@ def train(cfg, task: Task) -> int:
     try:
         while state["step"] < cfg.train.max_steps:
             step = state["step"]
-            engine.train()
-            skipped_step = False
-            for m in range(accum):
-                batch = next(loader)
-                corrupt_local += batch["skipped"]
-                g = step_generator(cfg.run.seed, step, ctx.rank, m, ctx.device)
-                loss, denoise, repa = _micro_loss(cfg, task, engine, objective, encoders, info, batch, g, ctx.device)
-                if any_rank(not torch.isfinite(loss).item(), ctx.device):
-                    if not cfg.train.skip_nonfinite:
-                        last = ckpt.latest_checkpoint(run_dir)
-                        raise NonFiniteLossError(
-                            f"non-finite loss at step {step} (micro-batch {m}); stopping. The newest checkpoint "
-                            f"{last or '(none yet)'} is intact. Set train.skip_nonfinite=true to skip such steps."
-                        )
-                    skipped_step = True
-                    break
-                engine.backward(loss)
-                engine.step()
-                window["loss"].append(loss.item())
-                window["denoise_loss"].append(denoise.item())
-                window["repa_loss"].append(repa.item())
-            if skipped_step:
+            result = train_step(setup, loader, step)
+            corrupt_local += result.corrupt
+            for name, values in zip(window, zip(*result.losses)):
+                window[name].extend(values)
+            if result.skipped:
                 state["skipped_steps"] += 1
                 if ctx.is_main:
                     tqdm.write(f"step {step}: non-finite loss, step skipped ({state['skipped_steps']} so far)")
-            else:
-                ema.update(engine.module)
             state["step"] = step + 1
             window_steps += 1
             bar.update(1)
@@ -290,7 +341,8 @@ def _micro_loss(cfg, task, engine, objective, encoders, info, batch, g, device):
 
 
 def _log(logger, engine, window, state, cfg, ctx, steps, seconds, bar):
-    means = mean_over_ranks([float(np.mean(v)) if v else float("nan") for v in window.values()], ctx.device)
+    means = mean_over_ranks([torch.stack(v).float().mean().item() if v else float("nan") for v in window.values()],
+                            ctx.device)
     grad_norm = engine.get_global_grad_norm()
     record = {"step": state["step"], **dict(zip(window, means)),
               "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),

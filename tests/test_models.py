@@ -299,3 +299,19 @@ def test_label_out_of_range_raises(label):
     x, t, _ = tiny_inputs(model, batch=2)
     with pytest.raises(ValueError, match=rf"\[{label}\] out of range \[0, {NUM_CLASSES}\]"):
         model(x, t, torch.tensor([0, label]))
+
+
+def test_class_cond_task_checks_labels_before_they_reach_the_device():
+    from class_cond.task import ClassCondConfig, ClassCondTask
+    from conftest import TINY as TINY_YAML
+    from core.config import load_config
+
+    task = ClassCondTask(load_config(ClassCondConfig, TINY_YAML))
+    task.num_classes = 3
+    with pytest.raises(ValueError, match=r"\[5\] out of range \[0, 3\]"):
+        task.condition({"label": torch.tensor([0, 5])}, torch.zeros(2, dtype=torch.bool), torch.device("cpu"))
+    # off the host the embedder reads no label values (on a GPU that would stall every step)
+    model = tiny_model().to("meta")
+    x, t, _ = tiny_inputs(model, batch=2)
+    out, _ = model(x.to("meta"), t.to("meta"), torch.tensor([0, NUM_CLASSES + 7], device="meta"))
+    assert out.device.type == "meta"
