@@ -35,8 +35,11 @@ def synthetic_image(label: int, rng: np.random.Generator, resolution: int) -> np
     return img.clip(0, 255).astype(np.uint8)
 
 
+SYNTHETIC_FACTOR = 2  # the generated set's latents: exact 2x2 space-to-depth pixels (pixel-s2d2)
+
+
 def make_synthetic_class_cond(root: str, num_samples: int, num_classes: int, resolution: int, seed: int = 0,
-                              factor: int = 2, shard_size: int = 256) -> dict:
+                              factor: int = SYNTHETIC_FACTOR, shard_size: int = 256) -> dict:
     """Write a class-conditional dataset of generated images in the shard format and return its manifest.
 
     Latents come from the exact pixel space-to-depth autoencoder (no weights needed); images are stored too, so

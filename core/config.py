@@ -206,10 +206,11 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return parsed
 
 
-def load_config(cls: type, path: str | None = None, overrides: list[str] | tuple = ()) -> Any:
+def load_config(cls: type, path: str | None = None, overrides: list[str] | tuple = (), check_data: bool = True) -> Any:
     """Read YAML `path` (optional), apply dot-list `overrides`, return a validated `cls` instance.
 
-    Raises ConfigError for a missing file, unknown key, wrong type, or a failed `validate()` of the config.
+    Raises ConfigError for a missing file, unknown key, wrong type, or a failed `validate()` of the config;
+    check_data=False skips the check that data.path is a prepared dataset (a benchmark on random batches).
     """
     tree: dict = {}
     if path is not None:
@@ -227,7 +228,7 @@ def load_config(cls: type, path: str | None = None, overrides: list[str] | tuple
         _set_dotted(tree, key, value, cls)
     cfg = _build(cls, tree, "")
     if hasattr(cfg, "validate"):
-        cfg.validate()
+        cfg.validate(check_data=check_data)
     return cfg
 
 

@@ -1,7 +1,8 @@
 """Frozen target encoders for REPA: patch tokens of a pretrained vision encoder on the clean image (paper Sec. 3).
 
 A spec string names an encoder, "NAME" or "NAME@SOURCE", where SOURCE replaces the default weights (a local
-directory or file, a hub id, or an open_clip pretrained tag). `encoder_dim(spec)` gives the token width without
+directory or file, a hub id, or an open_clip pretrained tag; "random": the real architecture, random weights,
+for throughput benchmarks where no weights can be fetched). `encoder_dim(spec)` gives the token width without
 loading anything, so a model's projectors can be built first. The "-tiny" encoders are random-init models of
 the same classes as the real ones, for tests and CPU demos.
 
@@ -44,6 +45,10 @@ _ENCODERS = {
     "siglip-tiny": _Entry("siglip", 32, "ViT-B-16-SigLIP"),
 }
 ENCODER_NAMES = tuple(_ENCODERS)
+RANDOM_SOURCE = "random"  # NAME@random: the real architecture with random weights (benchmarks: same FLOPs, no download)
+# The facebook/dinov2-* configs (width, layers, heads, SwiGLU MLP), for NAME@random without the hub.
+_DINOV2_ARCH = {"dinov2-s": (384, 12, 6, False), "dinov2-b": (768, 12, 12, False), "dinov2-l": (1024, 24, 16, False),
+                "dinov2-g": (1536, 40, 24, True)}
 
 # The tiny encoders: width 32, 2 layers, 2 heads, MLP 64, patch 7, built for 28 px (4x4 tokens), seed 0.
 _TINY = dict(width=32, layers=2, heads=2, mlp_ratio=2, patch=7, image=28, seed=0)
@@ -215,6 +220,12 @@ def _build_dinov2(spec: str, entry: _Entry, source: Optional[str], resolution: i
         )
         with _seeded(_TINY["seed"]):
             model, description = Dinov2Model(config), f"{spec} (random init)"
+    elif source == RANDOM_SOURCE:
+        width, layers, heads, swiglu = _DINOV2_ARCH[parse_encoder_spec(spec)[0]]
+        config = Dinov2Config(hidden_size=width, num_hidden_layers=layers, num_attention_heads=heads,
+                              use_swiglu_ffn=swiglu, patch_size=14, image_size=518)
+        with _seeded(0):
+            model, description = Dinov2Model(config), f"{spec} (random weights, real architecture)"
     else:
         _check_local_path(spec, source)
         try:
@@ -278,6 +289,12 @@ def _open_clip_visual(spec: str, entry: _Entry, source: str):
     from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
 
     path = os.path.expanduser(source)
+    if source == RANDOM_SOURCE:
+        pcfg = open_clip.get_pretrained_cfg(entry.arch, entry.source)
+        with _seeded(0):
+            model = open_clip.create_model(entry.arch, pretrained=None, force_quick_gelu=pcfg.get("quick_gelu", False),
+                                           device="cpu")
+        return model.visual, pcfg["mean"], pcfg["std"], f"{spec} ({entry.arch}, random weights)"
     if os.path.isdir(path):
         found = [os.path.join(path, f) for f in (HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME)
                  if os.path.isfile(os.path.join(path, f))]

@@ -84,6 +84,21 @@ class SDVAE:
         return unit_to_images(x)
 
 
+def latent_layout(spec: str, resolution: int) -> dict:
+    """The manifest's "latent" entry of autoencoder `spec` at `resolution` px, without loading any weights:
+    pixel-s2dF gives 3F^2 channels at 1/F, anything else is taken for an SD-VAE (4 channels at 1/8)."""
+    if spec.startswith("pixel"):
+        ae = build_autoencoder(spec)
+        channels, factor, scale = ae.latent_channels(), ae.factor, ae.scale_factor
+    else:
+        channels, factor, scale = 4, 8, SD_VAE_SCALE
+    if resolution % factor:
+        raise ValueError(f"resolution {resolution} is not divisible by the {spec} downsampling factor {factor}")
+    side = resolution // factor
+    return {"autoencoder": spec, "scale_factor": scale, "shift": 0.0, "shape": [channels, side, side],
+            "moments": "mean||std float16"}
+
+
 def build_autoencoder(spec: str, device: str | torch.device = "cpu"):
     """`pixel` / `pixel-s2dF` (weight-free) or an AutoencoderKL hub id / local path."""
     if spec == "pixel":

@@ -15,8 +15,10 @@ from core.config import (ObjectiveConfig, RepaConfig, RunConfig, TrainConfig, ch
 from core.data import SkippingDataset, decode_training_sample
 from core.dist import DistContext, barrier
 from core.shards import ShardFormatError, ShardReader, decode_value, feature_key, read_manifest
+from core.latents import latent_layout
 from core.trainer import DataInfo
 from t2i.mmdit import MMDIT_PRESETS, build_mmdit
+from t2i.text_encoder import text_shape
 
 
 @dataclass
@@ -46,13 +48,13 @@ class T2IConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=150_000))  # App. K: 150K iterations
     data: T2IDataConfig = field(default_factory=T2IDataConfig)
 
-    def validate(self) -> None:
+    def validate(self, check_data: bool = True) -> None:
         validate_common(self)
         check_choice("model.preset", self.model.preset, tuple(MMDIT_PRESETS))
         check_choice("data.kind", self.data.kind, ("shards", "synthetic"))
         # The MMDiT has no learned-variance head, which the DDPM objective (class-conditional DiT) needs.
         check_choice("objective.kind (text-to-image)", self.objective.kind, ("transport",))
-        if self.data.kind == "shards":
+        if self.data.kind == "shards" and check_data:
             check_prepared_dataset("data.path", self.data.path, "t2i", "data_prep.coco")
         if self.repa.coeff > 0:
             check_block("repa.depth", self.repa.depth, self.model.preset, MMDIT_PRESETS[self.model.preset]["depth"])
@@ -109,6 +111,26 @@ class T2ITask:
         seed = self.cfg.run.seed
         return SkippingDataset(ShardReader(info.root),
                                lambda raw, position: decode_t2i(raw, position, seed, need_image, keys))
+
+    def random_data(self, resolution: int) -> DataInfo:
+        """The shapes of this config's data with nothing read (core.bench's random batches): the generated set's
+        for data.kind=synthetic, else COCO at `resolution` px in SD-VAE latents with CLIP ViT-L/14 text (77 x 768,
+        App. K). The empty caption's embedding is zeros."""
+        d = self.cfg.data
+        if d.kind == "synthetic":
+            resolution, latent, text = d.synthetic_resolution, d.synthetic_autoencoder, d.synthetic_text_encoder
+        else:
+            latent, text = "sd-vae", "clip-l"
+        length, width = text_shape(text)
+        self.null_context = torch.zeros(length, width)
+        return DataInfo("(random)", {"kind": "t2i", "resolution": resolution, "features": [], "text_encoder": text,
+                                     "text_embedding": {"shape": [length, width], "dtype": "float16"},
+                                     "latent": latent_layout(latent, resolution)})
+
+    def random_condition(self, info: DataInfo, n: int, generator: torch.Generator) -> dict:
+        """Batch fields of the condition for `n` random samples (host tensors)."""
+        length, width = info.manifest["text_embedding"]["shape"]
+        return {"context": torch.randn(n, length, width, generator=generator)}
 
     def model_kwargs(self, info: DataInfo, encoder_dims: list[int]) -> dict:
         c, h = info.square_latent()

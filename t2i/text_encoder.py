@@ -117,6 +117,17 @@ def parse_text_encoder_spec(spec: str) -> tuple[str, Optional[str], Optional[str
     return name, arch or None, source
 
 
+def text_shape(spec: str) -> tuple[int, int]:
+    """(L tokens, D width) of the caption embeddings of `spec` without loading it, for the names whose shape is
+    fixed (clip-l, the tiny ones); ValueError for the others, whose shape only their weights tell."""
+    name, _, _ = parse_text_encoder_spec(spec)
+    if name == "clip-l":
+        return 77, CLIP_L_DIM
+    if name.endswith("-tiny"):
+        return 77, _TINY["width"]
+    raise ValueError(f"the embedding shape of text encoder {spec!r} is known only once it is loaded")
+
+
 def load_text_encoder(spec: str, device: Union[str, torch.device] = "cpu") -> TextEncoder:
     """Build the frozen text encoder named by `spec` (module docstring) in eval mode on `device`."""
     name, arch, source = parse_text_encoder_spec(spec)

@@ -207,3 +207,18 @@ def test_grid_sizes_input_to_the_model_token_grid(name):
     assert enc.input_size == enc.patch_size * 16 and enc.num_tokens == 256
     out = enc(torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
     assert out.shape == (1, 256, enc.embed_dim)
+
+
+@pytest.mark.parametrize("spec, dim, params_m", [("dinov2-s@random", 384, 21.6), ("clip-b@random", 768, 85.8)])
+def test_random_source_builds_the_real_architecture(spec, dim, params_m):
+    enc = load_encoder(spec, 256, grid=16)
+    assert enc.embed_dim == dim and enc.num_tokens == 256 and "random weights" in enc.description
+    # the published sizes less the position embeddings beyond the 16x16 grid
+    assert sum(p.numel() for p in enc.model.parameters()) / 1e6 == pytest.approx(params_m, rel=0.01)
+    first = next(iter(enc.model.parameters()))
+    assert torch.equal(first, next(iter(load_encoder(spec, 256, grid=16).model.parameters())))  # seeded
+
+
+def test_random_source_is_refused_by_the_tiny_encoders():
+    with pytest.raises(ValueError, match="random-init and takes no @SOURCE"):
+        load_encoder("dinov2-tiny@random", 32)

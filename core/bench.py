@@ -1,0 +1,354 @@
+"""Training-step benchmark: images/s per device, ms per step, peak memory and model FLOP utilisation.
+
+    python -m core.bench --config configs/class_cond/sit_xl2_repa_in256.yaml --steps 30 --random-encoders  # GPU
+    python -m core.bench --config configs/debug/class_cond_tiny.yaml --steps 20                             # anywhere
+
+The run is built exactly as training builds it (core.trainer.build_setup: model, DeepSpeed engine from the
+config's ds_config, EMA, REPA encoders) and each timed step is core.trainer.train_step, so what is measured is the
+training loop's own step, not a copy. Overrides (`train.global_batch=64 train.ds_config=ds_configs/zero1.json`)
+choose the lever measured.
+
+Data: `--data random` (default) feeds random batches of the dataset's shapes, made once and kept in (pinned) host
+memory, so the step includes the host-to-device copy but no loading; shapes come from the generated set for
+data.kind=synthetic, else ImageNet/COCO at `--resolution` px in SD-VAE latents (no data needed). `--data loader`
+reads the config's prepared dataset through the training loader; `--loader-only` times that loader alone.
+
+FLOP convention (printed with every result): FLOPs are counted by torch.utils.flop_counter on a meta-device copy
+of the model (matmuls, convolutions and attention; a multiply-add counts as 2 FLOPs; element-wise ops not
+counted), forward + backward of the training step without activation recompute; the frozen encoder's forward is
+counted separately. MFU = model FLOPs per image x images/s / the device's dense peak for the precision used;
+`mfu_with_encoder` adds the encoder forward. Each run appends one JSON line to --out.
+"""
+import argparse
+import datetime
+import importlib.util
+import itertools
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from core.config import ConfigError, load_config
+from core.fileio import append_line
+
+# Dense (no sparsity) peak TFLOP/s by precision, from NVIDIA's datasheets; the first name found in the device name
+# wins, so the PCIe/NVL variants come before the plain "H100" (the SXM part).
+PEAK_TFLOPS = {
+    "H100 PCIe": {"bf16": 756.5, "tf32": 378.0, "fp32": 51.2},
+    "H100 NVL": {"bf16": 835.5, "tf32": 417.5, "fp32": 60.0},
+    "H100": {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9},
+    "H200": {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9},
+    "A100": {"bf16": 312.0, "tf32": 156.0, "fp32": 19.5},
+}
+FLOP_CONVENTION = ("torch.utils.flop_counter on a meta copy of the model: matmul/conv/attention FLOPs, "
+                   "multiply-add = 2 FLOPs, forward + backward, no activation recompute; encoder forward separate")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m core.bench", description=__doc__.split("\n\n")[0],
+                                epilog="Overrides: section.key=value, e.g. train.global_batch=64")
+    p.add_argument("--config", required=True, help="training YAML, e.g. configs/class_cond/sit_xl2_repa_in256.yaml")
+    p.add_argument("--task", choices=("class_cond", "t2i"), default=None,
+                   help="the config's task (default: t2i if 't2i' is in the config path, else class_cond)")
+    p.add_argument("--steps", type=int, default=20, help="timed steps (default 20)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
+    p.add_argument("--data", choices=("random", "loader"), default="random",
+                   help="random: in-memory batches of the data's shapes; loader: the prepared dataset")
+    p.add_argument("--resolution", type=int, default=256, help="image px of random data for shards configs")
+    p.add_argument("--features", action="store_true",
+                   help="REPA targets as stored encoder features (random ones) instead of running the encoders")
+    p.add_argument("--random-encoders", action="store_true",
+                   help="REPA encoders with random weights (NAME@random: same architecture and FLOPs, no download)")
+    p.add_argument("--loader-only", action="store_true", help="time the training data loader alone (--data loader)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="the device's peak for MFU (default: table)")
+    p.add_argument("--label", default="", help="free text stored in the JSON line, e.g. the lever measured")
+    p.add_argument("--out", default="outputs/bench.jsonl", help="JSON lines file appended to (default %(default)s)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("overrides", nargs="*", help="section.key=value")
+    return p
+
+
+def _require(modules: list[str]) -> None:
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise SystemExit(f"core.bench: missing Python package(s) {', '.join(missing)}; install them first (a GPU box "
+                         "without internet: `pip wheel --no-deps deepspeed==<version>` here, then install the wheel)")
+
+
+def _task(name: str):
+    if name == "t2i":
+        from t2i.task import T2IConfig, T2ITask
+
+        return T2IConfig, T2ITask
+    from class_cond.task import ClassCondConfig, ClassCondTask
+
+    return ClassCondConfig, ClassCondTask
+
+
+def _packages_for(cfg) -> list[str]:
+    mods = ["deepspeed"]
+    names = [s.split("@")[0] for s in cfg.repa.encoders] if cfg.repa.coeff > 0 else []
+    mods += ["transformers"] if any(n.startswith("dinov2") for n in names) else []
+    mods += ["open_clip", "timm"] if any(n.startswith(("clip", "siglip")) for n in names) else []
+    return mods
+
+
+def precision(ds_config: dict) -> str:
+    """"bf16"/"fp16" when the DeepSpeed config trains in it (torch autocast or DeepSpeed's own), else "fp32"."""
+    autocast = ds_config.get("torch_autocast", {})
+    if autocast.get("enabled"):
+        return {"bfloat16": "bf16", "float16": "fp16"}.get(str(autocast.get("dtype", "bfloat16")), "bf16")
+    for key in ("bf16", "fp16"):
+        if ds_config.get(key, {}).get("enabled"):
+            return key
+    return "fp32"
+
+
+def peak_tflops(device: torch.device, prec: str) -> tuple[float | None, str]:
+    """(peak TFLOP/s, where it comes from) of `device` for precision `prec`; (None, why) when unknown."""
+    if device.type != "cuda":
+        return None, f"no peak known for {device.type}; pass --peak-tflops"
+    name = torch.cuda.get_device_name(device)
+    kind = "bf16" if prec in ("bf16", "fp16") else ("tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32")
+    for key, peaks in PEAK_TFLOPS.items():
+        if key in name:
+            return peaks[kind], f"{key} {kind} dense peak (datasheet)"
+    return None, f"no peak known for {name!r}; pass --peak-tflops"
+
+
+def random_batch(setup, n: int, generator: torch.Generator, pin: bool) -> dict:
+    """A batch like the training loader's for `n` samples, with random values of the dataset's shapes."""
+    info = setup.info
+    c, h, w = info.latent_shape
+    batch = {"moments": torch.cat([torch.randn(n, c, h, w, generator=generator),
+                                   0.1 * torch.rand(n, c, h, w, generator=generator)], dim=1),
+             **setup.task.random_condition(info, n, generator)}
+    if setup.need_image:
+        r = info.resolution
+        batch["image"] = torch.randint(0, 256, (n, 3, r, r), generator=generator, dtype=torch.uint8)
+    if setup.feature_names:
+        from core.encoders import encoder_dim
+
+        tokens = (setup.model_kwargs["input_size"] // setup.model_kwargs["patch_size"]) ** 2
+        batch["feats"] = tuple(torch.randn(n, tokens, encoder_dim(s), generator=generator)
+                               for s in setup.cfg.repa.encoders)
+    if pin:
+        batch = {k: tuple(t.pin_memory() for t in v) if isinstance(v, tuple) else v.pin_memory()
+                 for k, v in batch.items()}
+    return batch
+
+
+def count_flops(setup) -> dict:
+    """Training FLOPs per image: model forward + backward (meta-device copy, no recompute) and encoder forward."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    n = 2
+    with torch.device("meta"):
+        model = setup.task.build_model(setup.model_kwargs)
+    if hasattr(model, "grad_checkpointing"):
+        model.grad_checkpointing = False  # model FLOPs: recompute is overhead, not useful work
+    host = random_batch(setup, n, torch.Generator().manual_seed(0), pin=False)
+    meta = torch.device("meta")
+    cond = setup.task.condition(host, torch.zeros(n, dtype=torch.bool, device=meta), meta)
+    c, h, w = setup.info.latent_shape
+    with FlopCounterMode(display=False) as fwd:
+        out, zs = model(torch.randn(n, c, h, w, device=meta), torch.rand(n, device=meta), **cond)
+    with FlopCounterMode(display=False) as bwd:
+        (out.float().sum() + sum(z.float().sum() for z in zs)).backward()
+    enc = 0
+    if setup.encoders:
+        image = host["image"][:1].to(setup.ctx.device)
+        with FlopCounterMode(display=False) as counter:
+            for e in setup.encoders:
+                e(image)
+        enc = counter.get_total_flops()
+    return {"model_fwd": fwd.get_total_flops() / n, "model_bwd": bwd.get_total_flops() / n, "encoder_fwd": enc}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_memory(device: torch.device) -> tuple[float, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30, "device (torch.cuda.max_memory_allocated)"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "host RSS of the process (no device memory)"
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))).stdout.strip()
+    except OSError:
+        return ""
+
+
+def _loader(cfg, task, info, ctx, micro: int):
+    """The training loader's stream over the prepared dataset `info`, as core.trainer.train builds it."""
+    from core.data import StepSampler, make_loader
+    from core.trainer import data_needs
+
+    need_image, feature_names = data_needs(cfg, info)
+    dataset = task.dataset(info, need_image=need_image, feature_names=feature_names)
+    sampler = StepSampler(len(dataset), cfg.train.global_batch, ctx.world_size, ctx.rank, cfg.run.seed, 0)
+    return iter(make_loader(dataset, sampler, micro, cfg.train.num_workers, pin_memory=ctx.device.type == "cuda"))
+
+
+def _timed(fn, n: int, device: torch.device) -> list[float]:
+    times = []
+    for i in range(n):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn(i)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def bench_loader(cfg, task, ctx, args) -> dict:
+    """Samples/s of the training loader alone over --steps micro-batches after --warmup."""
+    from core.engine import batch_layout
+
+    micro, _ = batch_layout(cfg.train.global_batch, cfg.train.micro_batch, ctx.world_size)
+    loader = _loader(cfg, task, task.prepare_data(ctx), ctx, micro)
+    for _ in range(args.warmup):
+        next(loader)
+    times = _timed(lambda i: next(loader), args.steps, torch.device("cpu"))
+    return {"mode": "loader-only", "micro_batch": micro, "num_workers": cfg.train.num_workers,
+            "samples_per_s": micro * len(times) / sum(times), "ms_per_batch_median": 1e3 * float(np.median(times))}
+
+
+def bench_step(cfg, task, ctx, args) -> dict:
+    """Time core.trainer.train_step: --warmup untimed steps, then --steps timed ones."""
+    from core.engine import build_ds_config
+    from core.trainer import build_setup, train_step
+
+    if args.data == "loader":
+        info = task.prepare_data(ctx)
+    else:
+        info = task.random_data(args.resolution)
+        if args.features and cfg.repa.coeff > 0:
+            info.manifest["features"] = [s.split("@")[0] for s in cfg.repa.encoders]
+    setup = build_setup(cfg, task, ctx, info)
+    if args.data == "loader":
+        batches = _loader(cfg, task, info, ctx, setup.micro)
+    else:
+        g = torch.Generator().manual_seed(cfg.run.seed)
+        pin = ctx.device.type == "cuda"
+        batches = itertools.cycle([random_batch(setup, setup.micro, g, pin) for _ in range(2)])
+    flops = count_flops(setup)
+
+    for i in range(args.warmup):
+        train_step(setup, batches, i)
+    if ctx.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(ctx.device)
+    times = _timed(lambda i: train_step(setup, batches, args.warmup + i), args.steps, ctx.device)
+    memory, memory_kind = _peak_memory(ctx.device)
+
+    per_device = setup.micro * setup.accum
+    step_s = float(np.median(times))
+    img_s = per_device / step_s
+    prec = precision(build_ds_config(cfg.train, ctx.world_size))
+    peak, peak_source = (args.peak_tflops, "--peak-tflops") if args.peak_tflops else peak_tflops(ctx.device, prec)
+    model_flops = flops["model_fwd"] + flops["model_bwd"]
+    mfu = model_flops * img_s / (peak * 1e12) if peak else None
+    mfu_enc = (model_flops + flops["encoder_fwd"]) * img_s / (peak * 1e12) if peak else None
+    return {"mode": "step", "data": args.data + (" + stored features" if setup.feature_names else ""),
+            "encoders": list(cfg.repa.encoders) if setup.encoders else [], "precision": prec,
+            "zero_stage": setup.engine.zero_optimization_stage(), "batch_per_device": per_device,
+            "micro_batch": setup.micro, "accum": setup.accum, "latent_shape": list(info.latent_shape),
+            "resolution": info.resolution, "params_m": sum(p.numel() for p in setup.engine.module.parameters()) / 1e6,
+            "img_per_s_per_device": img_s, "ms_per_step_median": 1e3 * step_s,
+            "ms_per_step_min": 1e3 * min(times), "ms_per_step_max": 1e3 * max(times),
+            "peak_memory_gib": memory, "peak_memory_kind": memory_kind,
+            "gflop_per_img_model_fwd": flops["model_fwd"] / 1e9, "gflop_per_img_model_bwd": flops["model_bwd"] / 1e9,
+            "gflop_per_img_encoder_fwd": flops["encoder_fwd"] / 1e9, "flop_convention": FLOP_CONVENTION,
+            "peak_tflops": peak, "peak_source": peak_source, "mfu": mfu, "mfu_with_encoder": mfu_enc}
+
+
+def report(r: dict) -> str:
+    """The human-readable lines of one result."""
+    head = (f"{r['task']} {r['preset']} | {r['device']} | world {r['world_size']} | {r['config']}"
+            + (f" {' '.join(r['overrides'])}" if r["overrides"] else ""))
+    timing = f"median of {r['steps']} after {r['warmup']} warm-up"
+    if r["mode"] == "loader-only":
+        return "\n".join([head, f"  loader only: {r['samples_per_s']:.1f} samples/s per rank "
+                                f"({r['num_workers']} workers, micro-batch {r['micro_batch']}; "
+                                f"{r['ms_per_batch_median']:.1f} ms/batch, {timing})"])
+    if r["peak_tflops"]:
+        mfu = (f"{100 * r['mfu']:.1f}% of {r['peak_tflops']:g} TFLOP/s ({r['peak_source']}); "
+               f"{100 * r['mfu_with_encoder']:.1f}% counting the encoder forward")
+    else:
+        mfu = f"n/a ({r['peak_source']})"
+    return "\n".join([
+        head,
+        f"  data {r['data']}, {r['precision']}, ZeRO-{r['zero_stage']}, batch {r['batch_per_device']} per device "
+        f"(micro {r['micro_batch']} x {r['accum']}), {r['resolution']} px -> latents {r['latent_shape']}, "
+        f"{r['params_m']:.1f}M params" + (f", encoders {', '.join(r['encoders'])}" if r["encoders"] else ""),
+        f"  images/s per device   {r['img_per_s_per_device']:.1f}",
+        f"  ms per step           {r['ms_per_step_median']:.1f} ({timing}; min {r['ms_per_step_min']:.1f}, "
+        f"max {r['ms_per_step_max']:.1f})",
+        f"  peak memory           {r['peak_memory_gib']:.2f} GiB, {r['peak_memory_kind']}",
+        f"  GFLOP per image       model {r['gflop_per_img_model_fwd']:.3g} fwd + {r['gflop_per_img_model_bwd']:.3g} "
+        f"bwd, encoder {r['gflop_per_img_encoder_fwd']:.3g} fwd ({r['flop_convention']})",
+        f"  MFU                   {mfu}",
+    ])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.steps < 1 or args.warmup < 0:
+        raise SystemExit("core.bench: --steps must be >= 1 and --warmup >= 0")
+    if args.loader_only and args.data != "loader":
+        raise SystemExit("core.bench: --loader-only times the prepared dataset's loader: add --data loader")
+    if args.features and args.data == "loader":
+        raise SystemExit("core.bench: --features makes random features; with --data loader the dataset's stored "
+                         "features are used when it has them (data_prep --features)")
+    task_name = args.task or ("t2i" if "t2i" in os.path.abspath(args.config) else "class_cond")
+    config_cls, task_cls = _task(task_name)
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        # run.dir is a scratch directory: the benchmark writes no checkpoint, and a generated set goes there.
+        overrides = [*args.overrides, f"run.dir={tmp}"]
+        try:
+            cfg = load_config(config_cls, args.config, overrides, check_data=args.data == "loader")
+        except ConfigError as err:
+            print(f"config error: {err}", file=sys.stderr)
+            return 2
+        if args.random_encoders:
+            cfg.repa.encoders = [f"{s.split('@')[0]}@random" for s in cfg.repa.encoders]
+        _require(_packages_for(cfg))
+        from core.dist import setup_distributed
+
+        ctx = setup_distributed()
+        task = task_cls(cfg)
+        result = bench_loader(cfg, task, ctx, args) if args.loader_only else bench_step(cfg, task, ctx, args)
+    result = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "device": _device_name(ctx.device),
+              "world_size": ctx.world_size, "task": task_name, "preset": cfg.model.preset, "config": args.config,
+              "overrides": args.overrides, "steps": args.steps, "warmup": args.warmup, "label": args.label,
+              "command": "python -m core.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "torch": torch.__version__, "commit": _git_commit(), **result}
+    if ctx.is_main:
+        print(report(result), flush=True)
+        if args.out:
+            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+            append_line(args.out, json.dumps(result))
+            print(f"  JSON line appended to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
