@@ -67,7 +67,7 @@ def feature_names(specs: list) -> list:
     return [parse_encoder_spec(s)[0] for s in specs]
 
 
-def build_models(args, device, text_encoder: str = None) -> Models:
+def build_models(args, device, text_encoder: str = None, text_tokens: int = None) -> Models:
     from core.encoders import load_encoder
 
     models = Models(build_autoencoder(args.vae, device))
@@ -76,7 +76,7 @@ def build_models(args, device, text_encoder: str = None) -> Models:
     if text_encoder:
         from t2i.text_encoder import load_text_encoder
 
-        models.text = load_text_encoder(text_encoder, device)
+        models.text = load_text_encoder(text_encoder, device, tokens=text_tokens)
     return models
 
 

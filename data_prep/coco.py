@@ -58,6 +58,9 @@ def parser():
     p.add_argument("--split", choices=("train", "val"), default=None,
                    help="val also writes the FID caption list and reference statistics (default: from the file name)")
     p.add_argument("--text-encoder", default="clip-l", help="t2i/text_encoder.py spec (clip-l: CLIP ViT-L/14 text)")
+    p.add_argument("--text-tokens", type=int, default=None,
+                   help="keep the first L caption tokens (default: all, 77 for CLIP as App. K); short captions lose "
+                        "nothing and the MMDiT's joint attention gets shorter")
     p.add_argument("--fid-features", choices=("inception", "proxy", "none"), default="inception",
                    help="val: feature extractor of the reference statistics (proxy: an offline stand-in, labelled)")
     p.add_argument("--inception-weights", default=None, help="local Inception weights for eval/fid.py (offline)")
@@ -69,13 +72,15 @@ def make_job(args) -> tuple[Job, dict]:
 
     check_common(args)
     parse_text_encoder_spec(args.text_encoder)  # ValueError naming the valid forms, before any work
+    if args.text_tokens is not None and not 1 <= args.text_tokens <= 77:
+        raise ValueError(f"--text-tokens must be in 1..77, got {args.text_tokens}")
     if args.split is None:
         args.split = "val" if "val" in os.path.basename(args.captions) else "train"
     items, counts = list_coco(args.images, args.captions)
     items = spread(items, args.limit)
     record = {"kind": "t2i", "source": os.path.abspath(args.images), "captions": os.path.abspath(args.captions),
               "split": args.split, "vae": args.vae, "features": list(args.features),
-              "text_encoder": args.text_encoder}
+              "text_encoder": args.text_encoder, "text_tokens": args.text_tokens}
     job = Job(args.out, items, args.resolution, args.shard_size, False, args.store_images, args.batch_size,
               args.workers, record)
     return job, counts
@@ -133,7 +138,8 @@ def main(argv=None, single_process: bool = False) -> int:
     if counts["orphan_captions"]:
         log.warning("%d captions name image ids that %s does not list; they are ignored",
                     counts["orphan_captions"], args.captions)
-    make_models = lambda device: build_models(args, device, text_encoder=args.text_encoder)  # noqa: E731
+    make_models = lambda device: build_models(args, device, text_encoder=args.text_encoder,
+                                                 text_tokens=args.text_tokens)  # noqa: E731
     return run_job(job, make_models, finish, single_process)
 
 

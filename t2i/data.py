@@ -21,7 +21,7 @@ def prepare_coco_split(images: str, captions: str, out: str, resolution: int, te
 
 
 def make_synthetic_t2i(root: str, num_samples: int, resolution: int, text_encoder: str, autoencoder: str,
-                       seed: int = 0) -> None:
+                       seed: int = 0, text_tokens: int | None = None) -> None:
     """root/raw: generated shapes images + COCO captions; root/train and root/val: their prepared datasets.
 
     The val split gets an eighth of the train size, its FID caption list, and reference statistics from
@@ -31,5 +31,6 @@ def make_synthetic_t2i(root: str, num_samples: int, resolution: int, text_encode
     for split, n in (("train", num_samples), ("val", max(8, num_samples // 8))):
         images, captions = make_shapes_coco(raw, split, n, resolution, seed)
         extra = ("--fid-features", "proxy") if split == "val" else ()
+        extra += ("--text-tokens", str(text_tokens)) if text_tokens else ()
         prepare_coco_split(images, captions, os.path.join(root, split), resolution, text_encoder, autoencoder,
                            split, extra)

@@ -25,6 +25,7 @@ import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
+CONFIG = "configs/debug/t2i_tiny.yaml"
 
 
 def run(cmd: list[str], log: list) -> float:
@@ -94,13 +95,17 @@ def main(argv: list[str] | None = None) -> int:
     log: list = []
     t_start = time.perf_counter()
 
-    # 1-2: the generated COCO-format set through data_prep.coco (train and val)
+    # 1-2: the generated COCO-format set through data_prep.coco (train and val), as the tiny config makes it
+    from core.config import load_config
     from t2i.data import make_synthetic_t2i
+    from t2i.task import T2IConfig
 
+    d = load_config(T2IConfig, os.path.join(REPO, CONFIG)).data
     if not os.path.isfile(os.path.join(data, "val", "manifest.json")):
         t0 = time.perf_counter()
         print(f"\n== data: {args.train_images} generated images -> data_prep.coco -> {data}/{{train,val}}", flush=True)
-        make_synthetic_t2i(data, args.train_images, 32, "clip-tiny", "pixel-s2d2")
+        make_synthetic_t2i(data, args.train_images, d.synthetic_resolution, d.synthetic_text_encoder,
+                           d.synthetic_autoencoder, text_tokens=d.synthetic_text_tokens)
         log.append({"command": f"data_prep.coco on the generated shapes set ({args.train_images} train images)",
                     "seconds": round(time.perf_counter() - t0, 1)})
     val = os.path.join(data, "val")
@@ -108,8 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     # 3: training, two CPU ranks under the deepspeed launcher
     from core.dist import free_port
 
-    run([os.path.join(BIN, "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "t2i/train.py", "--config", "configs/debug/t2i_tiny.yaml",
-         f"run.dir={run_dir}", f"data.path={data}", f"train.max_steps={args.steps}", "train.log_every=50"], log)
+    run([os.path.join(BIN, "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "t2i/train.py",
+         "--config", CONFIG, f"run.dir={run_dir}", f"data.path={data}", f"train.max_steps={args.steps}",
+         "train.log_every=50"], log)
 
     # 4-5: sampling with both samplers, proxy FID, colour match
     from t2i.evaluation import CaptionConditioner
@@ -121,7 +127,10 @@ def main(argv: list[str] | None = None) -> int:
                "note": "proxy_fid uses random-init features: it tracks this demo only and is not an FID"}
     for sampler, steps in (("ode", 50), ("sde", args.sde_steps)):
         sample_dir = os.path.join(out, f"samples_{sampler}")
-        run([sys.executable, "-m", "eval.generate", "--run", run_dir, "--cond-file", val, "--sampler", sampler,
+        # two processes, as `accelerate launch` spreads generation over GPUs (the same images as one process)
+        run([sys.executable, "-m", "eval.accelerate_cli", "launch", "--multi_gpu", "--num_processes", "2",
+             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+             str(free_port()), "-m", "eval.generate", "--run", run_dir, "--cond-file", val, "--sampler", sampler,
              "--steps", str(steps), "--cfg", str(args.cfg), "--num-samples", str(args.samples), "--batch-size", "64",
              "--out", sample_dir], log)
         run([sys.executable, "-m", "eval.fid", sample_dir, "--ref", val, "--features", "proxy", "--no-is"], log)

@@ -47,7 +47,13 @@ class CaptionConditioner:
         if not self.pairs:
             raise ValueError(f"--cond-file {root!r}: no captioned images in its shards")
         self.order = np.random.default_rng(CAPTION_SEED).permutation(len(self.pairs))
-        self.null_context = load_null_context(root, self.manifest)
+        # The first L tokens of a causal text encoder do not depend on the rest, so a val split stored with more
+        # tokens than the run was trained on serves it exactly, cut to L.
+        stored = self.manifest.get("text_embedding", {}).get("shape", [None])[0]
+        self.tokens = meta.get("data", {}).get("text_embedding", {}).get("shape", [stored])[0]
+        if stored is not None and self.tokens is not None and stored < self.tokens:
+            raise ValueError(f"the run was trained on {self.tokens} caption tokens but {root!r} stores {stored}")
+        self.null_context = load_null_context(root, self.manifest)[: self.tokens]
         self.num_available = len(self.pairs)
 
     def pair(self, i: int) -> tuple[int, int, str]:
@@ -60,7 +66,8 @@ class CaptionConditioner:
         rows = []
         for i in indices:
             sample, k, _ = self.pair(i)
-            rows.append(decode_value("txt_emb.npy", self.reader[sample]["txt_emb.npy"])[k].astype(np.float32))
+            emb = decode_value("txt_emb.npy", self.reader[sample]["txt_emb.npy"])[k, : self.tokens]
+            rows.append(emb.astype(np.float32))
         return {"context": torch.from_numpy(np.stack(rows)).to(device)}
 
     def null(self, cond: dict) -> dict:

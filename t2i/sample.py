@@ -116,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     if not spec:
         print("error: the run records no text encoder; pass --text-encoder", file=sys.stderr)
         return 2
-    text = load_text_encoder(spec, device)
+    tokens = record["data"].get("text_embedding", {}).get("shape", [None])[0]  # the L the model was trained on
+    text = load_text_encoder(spec, device, tokens=tokens)
     with torch.no_grad():
         contexts, null = text.encode(prompts).float(), text.encode([""])[0].float()
     images = sample_images(model, meta, contexts, null, args.sampler, args.steps, args.cfg,

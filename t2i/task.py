@@ -37,6 +37,7 @@ class T2IDataConfig:
     synthetic_resolution: int = 32
     synthetic_text_encoder: str = "clip-tiny"  # the generated set's caption encoder (random-init offline)
     synthetic_autoencoder: str = "pixel-s2d2"  # 32 px -> 12x16x16 exact pixel "latents"
+    synthetic_text_tokens: int = 77  # caption tokens kept (the generated captions fit in 12; 77 = CLIP's all)
 
 
 @dataclass
@@ -99,7 +100,8 @@ class T2ITask:
             root = d.path or os.path.join(self.cfg.run.dir, "data")
             if ctx.is_main and not os.path.isfile(os.path.join(root, "train", "manifest.json")):
                 make_synthetic_t2i(root, d.synthetic_samples, d.synthetic_resolution, d.synthetic_text_encoder,
-                                   d.synthetic_autoencoder, seed=self.cfg.run.seed)
+                                   d.synthetic_autoencoder, seed=self.cfg.run.seed,
+                                   text_tokens=d.synthetic_text_tokens)
             barrier()
             root = os.path.join(root, "train")
         info = DataInfo(root, read_manifest(root))
@@ -119,9 +121,10 @@ class T2ITask:
         d = self.cfg.data
         if d.kind == "synthetic":
             resolution, latent, text = d.synthetic_resolution, d.synthetic_autoencoder, d.synthetic_text_encoder
+            length, width = text_shape(text, d.synthetic_text_tokens)
         else:
             latent, text = "sd-vae", "clip-l"
-        length, width = text_shape(text)
+            length, width = text_shape(text)
         self.null_context = torch.zeros(length, width)
         return DataInfo("(random)", {"kind": "t2i", "resolution": resolution, "features": [], "text_encoder": text,
                                      "text_embedding": {"shape": [length, width], "dtype": "float16"},

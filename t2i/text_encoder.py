@@ -13,8 +13,11 @@ A spec names the encoder, as the vision encoders' specs do (core/encoders.py):
                             tokenizer, built offline from open_clip's bundled vocabulary
     openclip-tiny           test-only: random-init 2-layer open_clip TextTransformer (width 32) + open_clip's tokenizer
 
-Captions are padded with the tokenizer's pad token and truncated to L = `max_length` tokens; no attention mask is
-passed (the causal mask keeps padding out of the caption tokens), as U-ViT's FrozenCLIPEmbedder.
+Captions are padded with the tokenizer's pad token and truncated to its context length (77 for CLIP); no
+attention mask is passed (the causal mask keeps padding out of the caption tokens), as U-ViT's FrozenCLIPEmbedder.
+`tokens=L` keeps the first L output tokens only (L = `max_length`): the text transformers are causal, so these are
+exactly what the full-length pass gives them, and short captions (the demo's fit in 12) lose nothing while the
+joint attention of the MMDiT gets 77 - L tokens fewer.
 """
 import core  # noqa: F401  (torchvision import fix first)
 import contextlib
@@ -34,11 +37,21 @@ _TINY = dict(width=32, layers=2, heads=2, mlp=64, seed=0)
 
 
 class TextEncoder(nn.Module):
-    """A frozen caption encoder. Attributes: id (the spec that rebuilds it), dim (D), max_length (L)."""
+    """A frozen caption encoder. Attributes: id (the spec that rebuilds it), dim (D), context_length (the
+    tokenizer's), max_length (L, the output tokens kept: context_length unless `keep_tokens` lowered it)."""
 
-    def __init__(self, spec: str, dim: int, max_length: int):
+    def __init__(self, spec: str, dim: int, context_length: int):
         super().__init__()
-        self.id, self.dim, self.max_length = spec, int(dim), int(max_length)
+        self.id, self.dim = spec, int(dim)
+        self.context_length = self.max_length = int(context_length)
+
+    def keep_tokens(self, tokens: int | None) -> "TextEncoder":
+        """Keep the first `tokens` output tokens (None: all); ValueError outside 1..context_length."""
+        tokens = self.context_length if tokens is None else int(tokens)
+        if not 1 <= tokens <= self.context_length:
+            raise ValueError(f"text encoder {self.id!r}: text tokens must be in 1..{self.context_length}, got {tokens}")
+        self.max_length = tokens
+        return self
 
     def _tokens(self, texts: list[str]) -> torch.Tensor:
         raise NotImplementedError
@@ -54,7 +67,7 @@ class TextEncoder(nn.Module):
             raise TypeError("encode takes a list of caption strings")
         if len(texts) == 0:
             return torch.zeros(0, self.max_length, self.dim, device=self.device)
-        return self._tokens(list(texts)).float()
+        return self._tokens(list(texts))[:, : self.max_length].float()
 
     def train(self, mode: bool = True) -> "TextEncoder":
         """Always eval: the encoder is frozen."""
@@ -64,14 +77,14 @@ class TextEncoder(nn.Module):
 class HFClipTextEncoder(TextEncoder):
     """transformers CLIPTextModel; tokens = last_hidden_state (after the final layer norm)."""
 
-    def __init__(self, spec: str, model: nn.Module, tokenizer, max_length: int = 77):
-        super().__init__(spec, model.config.hidden_size, max_length)
+    def __init__(self, spec: str, model: nn.Module, tokenizer, context_length: int = 77):
+        super().__init__(spec, model.config.hidden_size, context_length)
         self.model, self.tokenizer = model, tokenizer
         self.requires_grad_(False)
         self.train(False)
 
     def _tokens(self, texts: list[str]) -> torch.Tensor:
-        ids = self.tokenizer(texts, padding="max_length", max_length=self.max_length, truncation=True,
+        ids = self.tokenizer(texts, padding="max_length", max_length=self.context_length, truncation=True,
                              return_tensors="pt")["input_ids"]
         return self.model(input_ids=ids.to(self.device)).last_hidden_state
 
@@ -117,19 +130,21 @@ def parse_text_encoder_spec(spec: str) -> tuple[str, Optional[str], Optional[str
     return name, arch or None, source
 
 
-def text_shape(spec: str) -> tuple[int, int]:
-    """(L tokens, D width) of the caption embeddings of `spec` without loading it, for the names whose shape is
-    fixed (clip-l, the tiny ones); ValueError for the others, whose shape only their weights tell."""
+def text_shape(spec: str, tokens: int | None = None) -> tuple[int, int]:
+    """(L tokens, D width) of the caption embeddings of `spec` (keeping `tokens`) without loading it, for the
+    names whose shape is fixed (clip-l, the tiny ones); ValueError for the others, known only from their weights."""
     name, _, _ = parse_text_encoder_spec(spec)
-    if name == "clip-l":
-        return 77, CLIP_L_DIM
-    if name.endswith("-tiny"):
-        return 77, _TINY["width"]
+    if tokens is not None and not 1 <= tokens <= 77:
+        raise ValueError(f"text encoder {spec!r}: text tokens must be in 1..77, got {tokens}")
+    if name == "clip-l" or name.endswith("-tiny"):
+        return tokens or 77, CLIP_L_DIM if name == "clip-l" else _TINY["width"]
     raise ValueError(f"the embedding shape of text encoder {spec!r} is known only once it is loaded")
 
 
-def load_text_encoder(spec: str, device: Union[str, torch.device] = "cpu") -> TextEncoder:
-    """Build the frozen text encoder named by `spec` (module docstring) in eval mode on `device`."""
+def load_text_encoder(spec: str, device: Union[str, torch.device] = "cpu", tokens: Optional[int] = None
+                      ) -> TextEncoder:
+    """Build the frozen text encoder named by `spec` (module docstring) in eval mode on `device`, keeping the
+    first `tokens` output tokens (None: all)."""
     name, arch, source = parse_text_encoder_spec(spec)
     spec = spec.strip()
     if name == "clip-tiny":
@@ -143,7 +158,7 @@ def load_text_encoder(spec: str, device: Union[str, torch.device] = "cpu") -> Te
         if name == "clip-l" and enc.dim != CLIP_L_DIM:
             raise ValueError(f"text encoder {spec!r} is {enc.dim} wide, but CLIP ViT-L/14 text is {CLIP_L_DIM}: "
                              f"{source!r} is not that model (use clip@SOURCE for another CLIP text model)")
-    return enc.to(device)
+    return enc.keep_tokens(tokens).to(device)
 
 
 def _hf_clip(spec: str, source: str) -> TextEncoder:
@@ -157,7 +172,7 @@ def _hf_clip(spec: str, source: str) -> TextEncoder:
         model = CLIPTextModel.from_pretrained(path, dtype=torch.float32)
     except OSError as e:
         raise OSError(f"text encoder {spec!r}: cannot load a CLIP text model and tokenizer from {source!r}: {e}") from e
-    return HFClipTextEncoder(spec, model, tokenizer, max_length=min(77, model.config.max_position_embeddings))
+    return HFClipTextEncoder(spec, model, tokenizer, context_length=min(77, model.config.max_position_embeddings))
 
 
 @functools.lru_cache(maxsize=1)

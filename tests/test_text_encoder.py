@@ -72,3 +72,14 @@ def test_spec_parsing():
     assert parse_text_encoder_spec("clip-l@/w/clip") == ("clip-l", None, "/w/clip")
     assert parse_text_encoder_spec("openclip:ViT-bigG-14@laion2b_s39b_b160k") == \
         ("openclip", "ViT-bigG-14", "laion2b_s39b_b160k")
+
+
+@pytest.mark.parametrize("spec", ["clip-tiny", "openclip-tiny"])
+def test_keep_tokens_is_the_start_of_the_full_embedding(spec):
+    texts = ["a red circle above a blue square", ""]
+    full = load_text_encoder(spec).encode(texts)
+    short = load_text_encoder(spec, tokens=12)
+    assert short.max_length == 12 and short.context_length == 77
+    assert torch.equal(short.encode(texts), full[:, :12]) and short.encode([]).shape == (0, 12, 32)
+    with pytest.raises(ValueError, match="text tokens must be in 1..77, got 0"):
+        load_text_encoder(spec, tokens=0)
