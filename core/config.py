@@ -52,6 +52,7 @@ class TrainConfig:
     deterministic: bool = False  # torch deterministic algorithms (used by the bit-exact resume test)
     num_workers: int = 4  # data-loader worker processes per rank
     tensorboard: bool = True
+    compile: bool = False  # torch.compile each transformer block (one graph reused by all); a one-time compile cost
 
 
 @dataclass
@@ -238,7 +239,8 @@ def to_dict(cfg: Any) -> dict:
 
 def config_hash(cfg: Any, ignore: tuple[str, ...] = ("run.dir", "train.max_steps", "train.ckpt_every",
                                                        "train.log_every", "train.num_workers", "train.tensorboard",
-                                                       "run.keep_last", "run.allow_config_change")) -> str:
+                                                       "run.keep_last", "run.allow_config_change",
+                                                       "train.compile")) -> str:
     """Hash of the settings that change the training trajectory (bookkeeping keys such as run.dir ignored)."""
     flat = {}
 

@@ -154,6 +154,13 @@ class StepResult:
     corrupt: int  # corrupt samples the loader passed over in this step's batches
 
 
+def compile_blocks(model: torch.nn.Module) -> None:
+    """torch.compile each transformer block in place (regional compilation: the identical blocks share one graph,
+    so it compiles once, and the state dict keeps its names)."""
+    for block in model.blocks:
+        block.compile(dynamic=False)
+
+
 def data_needs(cfg, info: DataInfo) -> tuple[bool, list[str]]:
     """(batches carry the clean image, names of the stored encoder features they carry): REPA reads stored
     features when the dataset has all of them, else runs its encoders on the image."""
@@ -175,6 +182,8 @@ def build_setup(cfg, task: Task, ctx: DistContext, info: DataInfo) -> TrainingSe
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     model_kwargs = task.model_kwargs(info, enc_dims)
     model = task.build_model(model_kwargs)
+    if cfg.train.compile:
+        compile_blocks(model)
     encoders = []
     if need_image:  # one encoder patch per model token, whatever the encoder's patch size
         grid = model_kwargs["input_size"] // model_kwargs["patch_size"]

@@ -124,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
 
     captions = CaptionConditioner(run_record(run_dir), {"cond_file": val}).captions(range(args.samples))
     metrics = {"training": {"steps": args.steps, "global_batch": 32, "ranks": 2},
+               "text_tokens": d.synthetic_text_tokens,
                "note": "proxy_fid uses random-init features: it tracks this demo only and is not an FID"}
     for sampler, steps in (("ode", 50), ("sde", args.sde_steps)):
         sample_dir = os.path.join(out, f"samples_{sampler}")
@@ -162,7 +163,8 @@ def write_report(out: str, m: dict, args) -> None:
         "The real pipeline at toy scale: generated shapes with COCO-format captions -> `data_prep.coco` -> tiny "
         "MMDiT + REPA trained with the `deepspeed` launcher on two CPU ranks -> ODE/SDE sampling with CFG -> metrics.",
         "The caption encoder (CLIP text) and the REPA target (DINOv2) are **random-init tiny models** (no weights "
-        "can be downloaded offline), and the autoencoder is the exact pixel space-to-depth one.", "",
+        "can be downloaded offline), and the autoencoder is the exact pixel space-to-depth one. Captions keep "
+        f"their first {m['text_tokens']} CLIP tokens (they fit in 12; COCO runs keep all 77).", "",
         "## Caption faithfulness", "",
         "Fraction of samples whose top and bottom shapes have the colours their caption names "
         f"({m['ode']['num_samples']} val captions; chance: 0.25 per half, {chance:.3f} for both).", "",
