@@ -14,7 +14,7 @@ from core.config import load_config
 from core.latents import SD_VAE_SCALE, latent_layout
 from t2i.task import T2IConfig, T2ITask
 from t2i.text_encoder import text_shape
-from conftest import REPO, cpu_env
+from conftest import BIN, REPO, cpu_env, free_port
 
 T2I_TINY = os.path.join(REPO, "configs", "debug", "t2i_tiny.yaml")
 CC_TINY = os.path.join(REPO, "configs", "debug", "class_cond_tiny.yaml")
@@ -187,3 +187,15 @@ def test_compiled_blocks_match_eager():
     assert list(model.state_dict()) == keys
     assert torch.allclose(out_c, out, atol=1e-5) and torch.allclose(zs_c[0], zs[0], atol=1e-5)
     assert all(getattr(b, "_compiled_call_impl", None) is not None for b in model.blocks)
+
+
+def test_bench_under_the_deepspeed_launcher_reports_once_per_run(tmp_path):
+    out = tmp_path / "bench.jsonl"
+    cmd = [os.path.join(BIN, "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "--module",
+           "core.bench", "--config", CC_TINY, "--steps", "2", "--warmup", "1", "--out", str(out),
+           "train.global_batch=8"]
+    proc = subprocess.run(cmd, cwd=REPO, env=cpu_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (r,) = read_lines(out)  # rank 0 writes the line
+    assert r["world_size"] == 2 and r["batch_per_device"] == 4 and proc.stdout.count("images/s per device") == 1
