@@ -27,6 +27,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -36,6 +37,7 @@ import numpy as np
 import torch
 
 from core.config import ConfigError, load_config
+from core.encoders import random_weights_spec
 from core.fileio import append_line
 
 # Dense (no sparsity) peak TFLOP/s by precision, from NVIDIA's datasheets; the first name found in the device name
@@ -44,6 +46,7 @@ PEAK_TFLOPS = {
     "H100 PCIe": {"bf16": 756.5, "tf32": 378.0, "fp32": 51.2},
     "H100 NVL": {"bf16": 835.5, "tf32": 417.5, "fp32": 60.0},
     "H100": {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9},
+    "H200 NVL": {"bf16": 835.5, "tf32": 417.5, "fp32": 60.0},
     "H200": {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9},
     "A100": {"bf16": 312.0, "tf32": 156.0, "fp32": 19.5},
 }
@@ -65,7 +68,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--features", action="store_true",
                    help="REPA targets as stored encoder features (random ones) instead of running the encoders")
     p.add_argument("--random-encoders", action="store_true",
-                   help="REPA encoders with random weights (NAME@random: same architecture and FLOPs, no download)")
+                   help="REPA encoders with random weights (NAME@random: same architecture and FLOPs, no download; "
+                        "the -tiny ones are random-init already)")
     p.add_argument("--loader-only", action="store_true", help="time the training data loader alone (--data loader)")
     p.add_argument("--peak-tflops", type=float, default=None, help="the device's peak for MFU (default: table)")
     p.add_argument("--label", default="", help="free text stored in the JSON line, e.g. the lever measured")
@@ -80,6 +84,14 @@ def _require(modules: list[str]) -> None:
     if missing:
         raise SystemExit(f"core.bench: missing Python package(s) {', '.join(missing)}; install them first (a GPU box "
                          "without internet: `pip wheel --no-deps deepspeed==<version>` here, then install the wheel)")
+
+
+def _scratch_dir(ctx) -> str:
+    """A temporary directory made by rank 0 and shared with every rank (a generated dataset must be one)."""
+    path = [tempfile.mkdtemp(prefix="bench-") if ctx.is_main else None]
+    if ctx.world_size > 1:
+        torch.distributed.broadcast_object_list(path, src=0)
+    return path[0]
 
 
 def _task(name: str):
@@ -271,7 +283,7 @@ def bench_step(cfg, task, ctx, args) -> dict:
             "encoders": list(cfg.repa.encoders) if setup.encoders else [], "precision": prec,
             "zero_stage": setup.engine.zero_optimization_stage(), "batch_per_device": per_device,
             "micro_batch": setup.micro, "accum": setup.accum, "latent_shape": list(info.latent_shape),
-            "resolution": info.resolution, "params_m": sum(p.numel() for p in setup.engine.module.parameters()) / 1e6,
+            "resolution": info.resolution, "params_m": sum(getattr(p, "ds_numel", p.numel()) for p in setup.engine.module.parameters()) / 1e6,
             "img_per_s_per_device": img_s, "ms_per_step_median": 1e3 * step_s,
             "ms_per_step_min": 1e3 * min(times), "ms_per_step_max": 1e3 * max(times),
             "peak_memory_gib": memory, "peak_memory_kind": memory_kind,
@@ -320,22 +332,28 @@ def main(argv: list[str] | None = None) -> int:
                          "features are used when it has them (data_prep --features)")
     task_name = args.task or ("t2i" if "t2i" in os.path.abspath(args.config) else "class_cond")
     config_cls, task_cls = _task(task_name)
-    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
-        # run.dir is a scratch directory: the benchmark writes no checkpoint, and a generated set goes there.
-        overrides = [*args.overrides, f"run.dir={tmp}"]
-        try:
-            cfg = load_config(config_cls, args.config, overrides, check_data=args.data == "loader")
-        except ConfigError as err:
-            print(f"config error: {err}", file=sys.stderr)
-            return 2
-        if args.random_encoders:
-            cfg.repa.encoders = [f"{s.split('@')[0]}@random" for s in cfg.repa.encoders]
-        _require(_packages_for(cfg))
-        from core.dist import setup_distributed
+    try:
+        cfg = load_config(config_cls, args.config, args.overrides, check_data=args.data == "loader")
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    if args.random_encoders:
+        cfg.repa.encoders = [random_weights_spec(s) for s in cfg.repa.encoders]
+    _require(_packages_for(cfg))
+    from core.dist import barrier, setup_distributed
 
-        ctx = setup_distributed()
+    ctx = setup_distributed()
+    cfg.run.dir = _scratch_dir(ctx)  # the benchmark writes no checkpoint; a generated set goes there
+    try:
         task = task_cls(cfg)
         result = bench_loader(cfg, task, ctx, args) if args.loader_only else bench_step(cfg, task, ctx, args)
+        barrier()
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        if ctx.is_main:
+            shutil.rmtree(cfg.run.dir, ignore_errors=True)
     result = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "device": _device_name(ctx.device),
               "world_size": ctx.world_size, "task": task_name, "preset": cfg.model.preset, "config": args.config,
               "overrides": args.overrides, "steps": args.steps, "warmup": args.warmup, "label": args.label,

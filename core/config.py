@@ -237,11 +237,12 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def config_hash(cfg: Any, ignore: tuple[str, ...] = ("run.dir", "train.max_steps", "train.ckpt_every",
-                                                       "train.log_every", "train.num_workers", "train.tensorboard",
-                                                       "run.keep_last", "run.allow_config_change",
-                                                       "train.compile")) -> str:
-    """Hash of the settings that change the training trajectory (bookkeeping keys such as run.dir ignored)."""
+# Keys that do not change a run's trajectory: a resume may change them freely.
+BOOKKEEPING_KEYS = ("run.dir", "train.max_steps", "train.ckpt_every", "train.log_every", "train.num_workers",
+                    "train.tensorboard", "run.keep_last", "run.allow_config_change", "train.compile")
+
+
+def _flat(tree: dict, ignore: tuple[str, ...] = BOOKKEEPING_KEYS) -> dict:
     flat = {}
 
     def walk(d: dict, prefix: str) -> None:
@@ -251,8 +252,31 @@ def config_hash(cfg: Any, ignore: tuple[str, ...] = ("run.dir", "train.max_steps
             elif f"{prefix}{k}" not in ignore:
                 flat[f"{prefix}{k}"] = v
 
-    walk(to_dict(cfg), "")
-    return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:16]
+    walk(tree, "")
+    return flat
+
+
+def config_hash(cfg: Any, ignore: tuple[str, ...] = BOOKKEEPING_KEYS) -> str:
+    """Hash of the settings that change the training trajectory (bookkeeping keys such as run.dir ignored)."""
+    return hashlib.sha256(json.dumps(_flat(to_dict(cfg), ignore), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def config_changes(cfg: Any, saved: dict) -> list[str]:
+    """The trajectory settings in which `cfg` differs from a saved resolved config (a dict as save_config wrote
+    it), as "key: saved -> now". A key the saved config lacks (an option added since) counts only if `cfg` sets
+    it away from its default, so adding options does not orphan older runs."""
+    now, before = _flat(to_dict(cfg)), _flat(saved)
+    defaults = _flat(to_dict(type(cfg)()))
+    changes = []
+    for key, value in now.items():
+        old = before[key] if key in before else defaults.get(key)
+        if _canonical(old) != _canonical(value):
+            changes.append(f"{key}: {old!r} -> {value!r}")
+    return changes
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
 
 
 def save_config(cfg: Any, path: str) -> None:

@@ -63,6 +63,13 @@ def parse_encoder_spec(spec: str) -> Tuple[str, Optional[str]]:
     return name, source
 
 
+def random_weights_spec(spec: str) -> str:
+    """The spec of the same encoder with random weights: NAME@random, or the spec itself for a -tiny encoder
+    (random-init already, it takes no @SOURCE)."""
+    name, _ = parse_encoder_spec(spec)
+    return spec if _ENCODERS[name].source is None else f"{name}@{RANDOM_SOURCE}"
+
+
 def encoder_dim(spec: str) -> int:
     """Token width D of an encoder spec, from the table (no weights are loaded)."""
     return _ENCODERS[parse_encoder_spec(spec)[0]].dim

@@ -19,10 +19,11 @@ from typing import Any, Iterator, Protocol
 
 import numpy as np
 import torch
+import yaml
 from tqdm import tqdm
 
 from core import checkpoint as ckpt
-from core.config import ConfigError, config_hash, save_config
+from core.config import ConfigError, config_changes, config_hash, save_config
 from core.data import StepSampler, make_loader
 from core.dist import DistContext, any_rank, barrier, mean_over_ranks, setup_distributed, sum_over_ranks
 from core.ema import EMA
@@ -154,6 +155,33 @@ class StepResult:
     corrupt: int  # corrupt samples the loader passed over in this step's batches
 
 
+def check_resume_config(cfg, checkpoint: str) -> None:
+    """ConfigError unless `cfg` may resume `checkpoint`: the same trajectory settings (bookkeeping keys and options
+    added since, at their defaults, aside), or run.allow_config_change=true."""
+    if ckpt.read_state(checkpoint).get("config_hash") == config_hash(cfg) or cfg.run.allow_config_change:
+        return
+    try:
+        with open(os.path.join(checkpoint, "config.yaml")) as f:
+            changes = config_changes(cfg, yaml.safe_load(f) or {})
+    except (OSError, yaml.YAMLError):
+        changes = [f"(its config.yaml is unreadable; config hash {config_hash(cfg)} differs)"]
+    if changes:
+        raise ConfigError(
+            f"{cfg.run.dir} holds a checkpoint of a run with a different config ({'; '.join(changes[:6])}"
+            f"{'; ...' if len(changes) > 6 else ''}; see {checkpoint}/config.yaml). Use another run.dir, or set "
+            "run.allow_config_change=true to resume anyway"
+        )
+
+
+def batch_plan(cfg, world_size: int) -> tuple[int, int]:
+    """(micro-batch per rank, micro-batches per step); ConfigError for a layout this run cannot use."""
+    micro, accum = batch_layout(cfg.train.global_batch, cfg.train.micro_batch, world_size)
+    if cfg.train.skip_nonfinite and accum > 1:  # a skip mid-accumulation would leave DeepSpeed's step half done
+        raise ConfigError("train.skip_nonfinite needs one micro-batch per step (train.micro_batch = global_batch / "
+                          f"world size); this run accumulates {accum} micro-batches")
+    return micro, accum
+
+
 def compile_blocks(model: torch.nn.Module) -> None:
     """torch.compile each transformer block in place (regional compilation: the identical blocks share one graph,
     so it compiles once, and the state dict keeps its names)."""
@@ -177,7 +205,7 @@ def build_setup(cfg, task: Task, ctx: DistContext, info: DataInfo) -> TrainingSe
         torch.utils.deterministic.fill_uninitialized_memory = False  # NaN-filling every allocation: 40x slower on CPU
     need_image, feature_names = data_needs(cfg, info)
     enc_dims = [encoder_dim(s) for s in cfg.repa.encoders] if cfg.repa.coeff > 0 else []
-    micro, accum = batch_layout(cfg.train.global_batch, cfg.train.micro_batch, ctx.world_size)
+    micro, accum = batch_plan(cfg, ctx.world_size)
 
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     model_kwargs = task.model_kwargs(info, enc_dims)
@@ -230,19 +258,10 @@ def train(cfg, task: Task) -> int:
     run_dir = cfg.run.dir
     # Configuration errors come before anything expensive: batch layout, resume compatibility, the dataset.
     build_ds_config(cfg.train, ctx.world_size)  # raises on a bad JSON or batch layout
-    micro, accum = batch_layout(cfg.train.global_batch, cfg.train.micro_batch, ctx.world_size)
-    if cfg.train.skip_nonfinite and accum > 1:
-        raise ConfigError("train.skip_nonfinite needs one micro-batch per step (train.micro_batch = global_batch / "
-                          f"world size); this run accumulates {accum} micro-batches")
+    micro, _ = batch_plan(cfg, ctx.world_size)
     resume_from = ckpt.latest_checkpoint(run_dir)
     if resume_from is not None:
-        saved_hash = ckpt.read_state(resume_from).get("config_hash")
-        if saved_hash != config_hash(cfg) and not cfg.run.allow_config_change:
-            raise ConfigError(
-                f"{run_dir} holds a checkpoint of a run with a different config (hash {saved_hash} vs "
-                f"{config_hash(cfg)}; compare {resume_from}/config.yaml). Use another run.dir, or set "
-                "run.allow_config_change=true to resume anyway"
-            )
+        check_resume_config(cfg, resume_from)
     if ctx.is_main:
         os.makedirs(run_dir, exist_ok=True)
         save_config(cfg, os.path.join(run_dir, "config.yaml"))

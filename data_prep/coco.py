@@ -86,6 +86,15 @@ def make_job(args) -> tuple[Job, dict]:
     return job, counts
 
 
+def captions_cut(job: Job, text_encoder) -> int:
+    """How many captions have more tokens than the encoder keeps (0 without --text-tokens: CLIP's own 77-token
+    truncation is the model's, as in U-ViT)."""
+    if text_encoder.max_length >= text_encoder.context_length:
+        return 0
+    counts = text_encoder.token_counts([c for it in job.items for c in it.captions])
+    return sum(n > text_encoder.max_length for n in counts)
+
+
 def write_null_embedding(out: str, text_encoder) -> None:
     emb = text_encoder.encode([""])[0].cpu().numpy().astype(np.float16)
     with atomic_write(os.path.join(out, NULL_EMBEDDING), "wb") as f:
@@ -130,8 +139,12 @@ def main(argv=None, single_process: bool = False) -> int:
 
     def finish(job, models):
         L, D = models.text.max_length, models.text.dim
+        cut = captions_cut(job, models.text)
+        if cut:
+            log.warning("%d of %d captions are longer than --text-tokens %d (with start/end tokens) and are cut",
+                        cut, sum(len(it.captions) for it in job.items), L)
         finish_manifest(job, "t2i", models.autoencoder, feature_names(args.features),
-                        {"split": args.split, "text_encoder": models.text.id,
+                        {"split": args.split, "text_encoder": models.text.id, "captions_cut": cut,
                          "text_embedding": {"shape": [L, D], "dtype": "float16"}, "input_counts": counts},
                         before_manifest=lambda totals: before_manifest(models, totals))
 

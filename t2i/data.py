@@ -31,6 +31,6 @@ def make_synthetic_t2i(root: str, num_samples: int, resolution: int, text_encode
     for split, n in (("train", num_samples), ("val", max(8, num_samples // 8))):
         images, captions = make_shapes_coco(raw, split, n, resolution, seed)
         extra = ("--fid-features", "proxy") if split == "val" else ()
-        extra += ("--text-tokens", str(text_tokens)) if text_tokens else ()
+        extra += ("--text-tokens", str(text_tokens)) if text_tokens is not None else ()
         prepare_coco_split(images, captions, os.path.join(root, split), resolution, text_encoder, autoencoder,
                            split, extra)

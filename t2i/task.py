@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from core.config import (ObjectiveConfig, RepaConfig, RunConfig, TrainConfig, check_block, check_choice,
+from core.config import (ConfigError, ObjectiveConfig, RepaConfig, RunConfig, TrainConfig, check_block, check_choice,
                          check_prepared_dataset, validate_common)
 from core.data import SkippingDataset, decode_training_sample
 from core.dist import DistContext, barrier
@@ -53,6 +53,9 @@ class T2IConfig:
         validate_common(self)
         check_choice("model.preset", self.model.preset, tuple(MMDIT_PRESETS))
         check_choice("data.kind", self.data.kind, ("shards", "synthetic"))
+        if not 1 <= self.data.synthetic_text_tokens <= 77:
+            raise ConfigError(f"data.synthetic_text_tokens={self.data.synthetic_text_tokens} is outside 1..77 "
+                              "(CLIP's 77-token context)")
         # The MMDiT has no learned-variance head, which the DDPM objective (class-conditional DiT) needs.
         check_choice("objective.kind (text-to-image)", self.objective.kind, ("transport",))
         if self.data.kind == "shards" and check_data:
@@ -105,6 +108,10 @@ class T2ITask:
             barrier()
             root = os.path.join(root, "train")
         info = DataInfo(root, read_manifest(root))
+        stored = info.manifest.get("text_embedding", {}).get("shape", [None])[0]
+        if d.kind == "synthetic" and stored != d.synthetic_text_tokens:
+            raise ConfigError(f"the generated set in {os.path.dirname(root)} stores {stored} caption tokens but "
+                              f"data.synthetic_text_tokens={d.synthetic_text_tokens}; delete it to regenerate it")
         self.null_context = load_null_context(root, info.manifest)
         return info
 

@@ -60,6 +60,11 @@ class TextEncoder(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
+    def token_counts(self, texts: Sequence[str]) -> list[int]:
+        """Tokens of each caption with its start/end tokens (up to context_length): more than max_length means the
+        caption is cut."""
+        raise NotImplementedError
+
     @torch.no_grad()
     def encode(self, texts: Sequence[str]) -> torch.Tensor:
         """texts: B captions -> (B, max_length, dim) float32 token embeddings on the encoder's device."""
@@ -83,6 +88,10 @@ class HFClipTextEncoder(TextEncoder):
         self.requires_grad_(False)
         self.train(False)
 
+    def token_counts(self, texts: Sequence[str]) -> list[int]:
+        ids = self.tokenizer(list(texts), max_length=self.context_length, truncation=True)["input_ids"]
+        return [len(i) for i in ids]
+
     def _tokens(self, texts: list[str]) -> torch.Tensor:
         ids = self.tokenizer(texts, padding="max_length", max_length=self.context_length, truncation=True,
                              return_tensors="pt")["input_ids"]
@@ -98,6 +107,9 @@ class OpenClipTextEncoder(TextEncoder):
         self.tower, self.tokenizer = tower, tokenizer
         self.requires_grad_(False)
         self.train(False)
+
+    def token_counts(self, texts: Sequence[str]) -> list[int]:
+        return (self.tokenizer(list(texts)) != 0).sum(dim=1).tolist()  # open_clip pads with token 0
 
     def _tokens(self, texts: list[str]) -> torch.Tensor:
         ids = self.tokenizer(texts).to(self.device)

@@ -88,6 +88,22 @@ def test_bench_refuses_inconsistent_options(args, message):
     assert proc.returncode != 0 and message in proc.stderr
 
 
+def test_random_encoders_keep_the_tiny_ones(tmp_path):
+    from core.encoders import random_weights_spec
+
+    assert random_weights_spec("dinov2-b") == random_weights_spec("dinov2-b@/w/dino") == "dinov2-b@random"
+    assert random_weights_spec("dinov2-tiny") == "dinov2-tiny"
+    out = tmp_path / "bench.jsonl"
+    run_bench("--config", CC_TINY, "--steps", "1", "--warmup", "0", "--random-encoders", "--out", str(out),
+              "train.global_batch=4")
+    assert read_lines(out)[0]["encoders"] == ["dinov2-tiny"]
+
+
+def test_bench_config_error_after_loading_is_reported_too():
+    proc = run_bench("--config", CC_TINY, "train.global_batch=6", "train.micro_batch=4", check=False)
+    assert proc.returncode == 2 and "config error" in proc.stderr and "multiple of the micro-batch" in proc.stderr
+
+
 def test_bench_config_error_names_the_key():
     proc = run_bench("--config", CC_TINY, "train.lrr=1", check=False)
     assert proc.returncode == 2 and "config error" in proc.stderr and "train.lr" in proc.stderr
@@ -190,10 +206,11 @@ def test_compiled_blocks_match_eager():
 
 
 def test_bench_under_the_deepspeed_launcher_reports_once_per_run(tmp_path):
+    """Two ranks reading one generated dataset (made by rank 0 in a scratch directory both ranks share)."""
     out = tmp_path / "bench.jsonl"
     cmd = [os.path.join(BIN, "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "--module",
-           "core.bench", "--config", CC_TINY, "--steps", "2", "--warmup", "1", "--out", str(out),
-           "train.global_batch=8"]
+           "core.bench", "--config", CC_TINY, "--steps", "2", "--warmup", "1", "--out", str(out), "--data",
+           "loader", "train.global_batch=8", "data.synthetic_samples=64", "train.num_workers=0"]
     proc = subprocess.run(cmd, cwd=REPO, env=cpu_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -70,6 +70,16 @@ def test_resolved_config_round_trips(tmp_path):
     assert config_hash(load("train.lr=1e-2")) != config_hash(load())
 
 
+def test_config_changes_name_keys_and_spare_options_added_since(tmp_path):
+    from core.config import config_changes, to_dict
+
+    saved = to_dict(load())
+    del saved["model"]["qk_norm"]  # a run saved before this option existed
+    assert config_changes(load(), saved) == []
+    assert config_changes(load("model.qk_norm=true"), saved) == ["model.qk_norm: False -> True"]
+    assert config_changes(load("train.lr=2e-3", "train.max_steps=7"), saved) == ["train.lr: 0.001 -> 0.002"]
+
+
 def test_batch_fields_filled_from_training_config(tmp_path):
     cfg = load("train.global_batch=64", "train.micro_batch=8", "train.grad_clip=0.5")
     ds = build_ds_config(cfg.train, world_size=4)

@@ -136,25 +136,27 @@ def test_coco_bad_inputs_are_clear_errors(val, tmp_path, capsys):
 
 
 def test_text_tokens_keep_the_first_tokens_and_eval_cuts_a_longer_val_split(val, tmp_path):
-    """--text-tokens 8 stores the first 8 tokens of the full-length embeddings (causal encoder: exactly them);
-    a run trained on 8 tokens evaluates against a 77-token val split cut to 8, and not the other way round."""
+    """--text-tokens 6 stores the first 6 tokens of the full-length embeddings (causal encoder: exactly them) and
+    counts the captions it cuts; a run trained on 6 tokens evaluates against a 77-token val split cut to 6, and
+    not the other way round."""
     from t2i.evaluation import CaptionConditioner
 
     images, captions = val
     full, short = str(tmp_path / "full"), str(tmp_path / "short")
     assert coco.main(["--images", images, "--captions", captions, "--out", full, *BASE, "--fid-features", "none"]) == 0
     assert coco.main(["--images", images, "--captions", captions, "--out", short, *BASE, "--fid-features", "none",
-                      "--text-tokens", "8"]) == 0
+                      "--text-tokens", "6"]) == 0
     m = read_manifest(short)
-    assert m["text_embedding"]["shape"] == [8, 32]
-    assert np.load(os.path.join(short, m["null_text_embedding"])).shape == (8, 32)
+    assert m["text_embedding"]["shape"] == [6, 32] and read_manifest(full)["captions_cut"] == 0
+    assert m["captions_cut"] == 50  # " caption k of image i " is 7 tokens with start/end; 50 listed captions
+    assert np.load(os.path.join(short, m["null_text_embedding"])).shape == (6, 32)
     a, b = ShardReader(full).decoded(0)["txt_emb.npy"], ShardReader(short).decoded(0)["txt_emb.npy"]
-    assert a.shape[1:] == (77, 32) and np.array_equal(a[:, :8], b)
+    assert a.shape[1:] == (77, 32) and np.array_equal(a[:, :6], b)
     trained_on = lambda L: {"data": {"text_encoder": "clip-tiny", "text_embedding": {"shape": [L, 32]}}}  # noqa
-    cond = CaptionConditioner(trained_on(8), {"cond_file": full})
-    assert cond.cond([0, 1], "cpu")["context"].shape == (2, 8, 32) and cond.null_context.shape == (8, 32)
+    cond = CaptionConditioner(trained_on(6), {"cond_file": full})
+    assert cond.cond([0, 1], "cpu")["context"].shape == (2, 6, 32) and cond.null_context.shape == (6, 32)
     assert CaptionConditioner(trained_on(77), {"cond_file": full}).cond([0], "cpu")["context"].shape == (1, 77, 32)
-    with pytest.raises(ValueError, match="trained on 77 caption tokens but .* stores 8"):
+    with pytest.raises(ValueError, match="trained on 77 caption tokens but .* stores 6"):
         CaptionConditioner(trained_on(77), {"cond_file": short})
 
 

@@ -148,3 +148,19 @@ def test_t2i_refuses_the_ddpm_objective():
 
     with pytest.raises(ConfigError, match=r"objective.kind \(text-to-image\): 'ddpm' is not one of: transport"):
         load_config(T2IConfig, "configs/debug/t2i_tiny.yaml", ["objective.kind=ddpm"])
+
+
+def test_synthetic_text_tokens_are_checked_against_the_config_and_the_generated_set(tmp_path):
+    from core.config import ConfigError, load_config
+    from core.dist import DistContext
+    from t2i.data import make_synthetic_t2i
+
+    with pytest.raises(ConfigError, match=r"data.synthetic_text_tokens=0 is outside 1..77"):
+        load_config(T2IConfig, "configs/debug/t2i_tiny.yaml", ["data.synthetic_text_tokens=0"])
+    make_synthetic_t2i(str(tmp_path / "data"), 8, 32, "clip-tiny", "pixel-s2d2", text_tokens=12)
+    ctx = DistContext(0, 1, 0, torch.device("cpu"))
+    load = lambda L: load_config(T2IConfig, "configs/debug/t2i_tiny.yaml",  # noqa: E731
+                                 [f"data.path={tmp_path / 'data'}", f"data.synthetic_text_tokens={L}"])
+    assert T2ITask(load(12)).prepare_data(ctx).manifest["text_embedding"]["shape"] == [12, 32]
+    with pytest.raises(ConfigError, match=r"stores 12 caption tokens but data.synthetic_text_tokens=16; delete it"):
+        T2ITask(load(16)).prepare_data(ctx)

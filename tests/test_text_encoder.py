@@ -81,5 +81,16 @@ def test_keep_tokens_is_the_start_of_the_full_embedding(spec):
     short = load_text_encoder(spec, tokens=12)
     assert short.max_length == 12 and short.context_length == 77
     assert torch.equal(short.encode(texts), full[:, :12]) and short.encode([]).shape == (0, 12, 32)
+    if spec == "clip-tiny":  # causal: a pass over only the first 12 token ids gives the same 12 outputs
+        ids = short.tokenizer(texts, padding="max_length", max_length=77, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            alone = short.model(input_ids=ids[:, :12]).last_hidden_state
+        assert torch.allclose(alone, full[:, :12], atol=1e-5)
     with pytest.raises(ValueError, match="text tokens must be in 1..77, got 0"):
         load_text_encoder(spec, tokens=0)
+
+
+def test_token_counts_include_start_and_end_tokens():
+    texts = ["a red circle", "a picture of a green square over a blue triangle"]
+    for spec in ("clip-tiny", "openclip-tiny"):
+        assert load_text_encoder(spec).token_counts(texts) == [5, 12], spec

@@ -170,6 +170,7 @@ def test_config_change_refused_on_resume(tmp_path, tiny_args):
     run_train(tiny_args("train.max_steps=2", run_dir=run))
     proc = run_train(tiny_args("train.max_steps=4", "train.lr=5e-4", run_dir=run), check=False)
     assert proc.returncode == 2 and "different config" in proc.stderr and "allow_config_change" in proc.stderr
+    assert "train.lr: 0.001 -> 0.0005" in proc.stderr  # the change is named
     # bookkeeping keys (more steps) do not count as a change
     run_train(tiny_args("train.max_steps=4", run_dir=run))
     assert max(s for s, _ in list_checkpoints(run)) == 4
