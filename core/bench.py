@@ -209,17 +209,6 @@ def _git_commit() -> str:
         return ""
 
 
-def _loader(cfg, task, info, ctx, micro: int):
-    """The training loader's stream over the prepared dataset `info`, as core.trainer.train builds it."""
-    from core.data import StepSampler, make_loader
-    from core.trainer import data_needs
-
-    need_image, feature_names = data_needs(cfg, info)
-    dataset = task.dataset(info, need_image=need_image, feature_names=feature_names)
-    sampler = StepSampler(len(dataset), cfg.train.global_batch, ctx.world_size, ctx.rank, cfg.run.seed, 0)
-    return iter(make_loader(dataset, sampler, micro, cfg.train.num_workers, pin_memory=ctx.device.type == "cuda"))
-
-
 def _timed(fn, n: int, device: torch.device) -> list[float]:
     times = []
     for i in range(n):
@@ -234,9 +223,10 @@ def _timed(fn, n: int, device: torch.device) -> list[float]:
 def bench_loader(cfg, task, ctx, args) -> dict:
     """Samples/s of the training loader alone over --steps micro-batches after --warmup."""
     from core.engine import batch_layout
+    from core.trainer import training_batches
 
     micro, _ = batch_layout(cfg.train.global_batch, cfg.train.micro_batch, ctx.world_size)
-    loader = _loader(cfg, task, task.prepare_data(ctx), ctx, micro)
+    loader = training_batches(cfg, task, task.prepare_data(ctx), ctx, micro, 0)
     for _ in range(args.warmup):
         next(loader)
     times = _timed(lambda i: next(loader), args.steps, torch.device("cpu"))
@@ -247,7 +237,7 @@ def bench_loader(cfg, task, ctx, args) -> dict:
 def bench_step(cfg, task, ctx, args) -> dict:
     """Time core.trainer.train_step: --warmup untimed steps, then --steps timed ones."""
     from core.engine import build_ds_config
-    from core.trainer import build_setup, train_step
+    from core.trainer import build_setup, train_step, training_batches
 
     if args.data == "loader":
         info = task.prepare_data(ctx)
@@ -257,7 +247,7 @@ def bench_step(cfg, task, ctx, args) -> dict:
             info.manifest["features"] = [s.split("@")[0] for s in cfg.repa.encoders]
     setup = build_setup(cfg, task, ctx, info)
     if args.data == "loader":
-        batches = _loader(cfg, task, info, ctx, setup.micro)
+        batches = training_batches(cfg, task, info, ctx, setup.micro, 0)
     else:
         g = torch.Generator().manual_seed(cfg.run.seed)
         pin = ctx.device.type == "cuda"

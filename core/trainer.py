@@ -198,6 +198,14 @@ def data_needs(cfg, info: DataInfo) -> tuple[bool, list[str]]:
     return bool(names), []
 
 
+def training_batches(cfg, task: Task, info: DataInfo, ctx: DistContext, micro: int, step: int) -> Iterator[dict]:
+    """This rank's stream of micro-batches from the prepared dataset `info`, starting at optimiser step `step`."""
+    need_image, feature_names = data_needs(cfg, info)
+    dataset = task.dataset(info, need_image=need_image, feature_names=feature_names)
+    sampler = StepSampler(len(dataset), cfg.train.global_batch, ctx.world_size, ctx.rank, cfg.run.seed, step)
+    return iter(make_loader(dataset, sampler, micro, cfg.train.num_workers, pin_memory=ctx.device.type == "cuda"))
+
+
 def build_setup(cfg, task: Task, ctx: DistContext, info: DataInfo) -> TrainingSetup:
     """Build the model (seeded by run.seed, identical on every rank), its DeepSpeed engine, EMA and encoders."""
     if cfg.train.deterministic:
@@ -284,9 +292,7 @@ def train(cfg, task: Task) -> int:
         if ctx.is_main:
             tqdm.write(f"resumed from {resume_from} at step {state['step']}")
 
-    dataset = task.dataset(info, need_image=setup.need_image, feature_names=setup.feature_names)
-    sampler = StepSampler(len(dataset), cfg.train.global_batch, ctx.world_size, ctx.rank, cfg.run.seed, state["step"])
-    loader = iter(make_loader(dataset, sampler, micro, cfg.train.num_workers, pin_memory=ctx.device.type == "cuda"))
+    loader = training_batches(cfg, task, info, ctx, micro, state["step"])
 
     logger = MetricsLogger(run_dir, ctx.is_main, cfg.train.tensorboard)
     window = {"loss": [], "denoise_loss": [], "repa_loss": []}
