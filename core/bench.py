@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from core.config import ConfigError, load_config
-from core.encoders import random_weights_spec
+from core.encoders import encoder_names, random_weights_spec
 from core.fileio import append_line
 
 # Dense (no sparsity) peak TFLOP/s by precision, from NVIDIA's datasheets; the first name found in the device name
@@ -106,7 +106,7 @@ def _task(name: str):
 
 def _packages_for(cfg) -> list[str]:
     mods = ["deepspeed"]
-    names = [s.split("@")[0] for s in cfg.repa.encoders] if cfg.repa.coeff > 0 else []
+    names = encoder_names(cfg.repa.encoders) if cfg.repa.coeff > 0 else []
     mods += ["transformers"] if any(n.startswith("dinov2") for n in names) else []
     mods += ["open_clip", "timm"] if any(n.startswith(("clip", "siglip")) for n in names) else []
     return mods
@@ -244,7 +244,7 @@ def bench_step(cfg, task, ctx, args) -> dict:
     else:
         info = task.random_data(args.resolution)
         if args.features and cfg.repa.coeff > 0:
-            info.manifest["features"] = [s.split("@")[0] for s in cfg.repa.encoders]
+            info.manifest["features"] = encoder_names(cfg.repa.encoders)
     setup = build_setup(cfg, task, ctx, info)
     if args.data == "loader":
         batches = training_batches(cfg, task, info, ctx, setup.micro, 0)
@@ -273,7 +273,8 @@ def bench_step(cfg, task, ctx, args) -> dict:
             "encoders": list(cfg.repa.encoders) if setup.encoders else [], "precision": prec,
             "zero_stage": setup.engine.zero_optimization_stage(), "batch_per_device": per_device,
             "micro_batch": setup.micro, "accum": setup.accum, "latent_shape": list(info.latent_shape),
-            "resolution": info.resolution, "params_m": sum(getattr(p, "ds_numel", p.numel()) for p in setup.engine.module.parameters()) / 1e6,
+            "resolution": info.resolution,
+            "params_m": sum(getattr(p, "ds_numel", p.numel()) for p in setup.engine.module.parameters()) / 1e6,
             "img_per_s_per_device": img_s, "ms_per_step_median": 1e3 * step_s,
             "ms_per_step_min": 1e3 * min(times), "ms_per_step_max": 1e3 * max(times),
             "peak_memory_gib": memory, "peak_memory_kind": memory_kind,

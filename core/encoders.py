@@ -63,6 +63,11 @@ def parse_encoder_spec(spec: str) -> Tuple[str, Optional[str]]:
     return name, source
 
 
+def encoder_names(specs: Sequence[str]) -> list[str]:
+    """The NAME of each "NAME[@SOURCE]" spec (as stored-feature keys and manifests name encoders)."""
+    return [parse_encoder_spec(s)[0] for s in specs]
+
+
 def random_weights_spec(spec: str) -> str:
     """The spec of the same encoder with random weights: NAME@random, or the spec itself for a -tiny encoder
     (random-init already, it takes no @SOURCE)."""

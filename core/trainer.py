@@ -27,7 +27,7 @@ from core.config import ConfigError, config_changes, config_hash, save_config
 from core.data import StepSampler, make_loader
 from core.dist import DistContext, any_rank, barrier, mean_over_ranks, setup_distributed, sum_over_ranks
 from core.ema import EMA
-from core.encoders import encoder_dim, load_encoders
+from core.encoders import encoder_dim, encoder_names, load_encoders
 from core.engine import batch_layout, build_ds_config, create_engine
 from core.latents import sample_latents
 from core.logging import MetricsLogger
@@ -119,10 +119,6 @@ class SignalFlag:
         self.received = signum
 
 
-def _split_names(specs: list[str]) -> list[str]:
-    return [s.split("@", 1)[0] for s in specs]
-
-
 def apply_optimizer_settings(engine, train_cfg) -> None:
     """Set lr, betas and weight decay of every param group from the config."""
     for group in engine.optimizer.param_groups:
@@ -192,7 +188,7 @@ def compile_blocks(model: torch.nn.Module) -> None:
 def data_needs(cfg, info: DataInfo) -> tuple[bool, list[str]]:
     """(batches carry the clean image, names of the stored encoder features they carry): REPA reads stored
     features when the dataset has all of them, else runs its encoders on the image."""
-    names = _split_names(cfg.repa.encoders) if cfg.repa.coeff > 0 else []
+    names = encoder_names(cfg.repa.encoders) if cfg.repa.coeff > 0 else []
     if info.has_features(names):
         return False, names
     return bool(names), []

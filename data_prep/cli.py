@@ -11,6 +11,7 @@ import sys
 
 import torch
 
+from core.encoders import encoder_names
 from core.latents import DEFAULT_VAE, build_autoencoder
 from data_prep.pipeline import Job, Models, PrepError, check_job_record, prepare_rank
 
@@ -61,18 +62,12 @@ def check_common(args) -> None:
                     "encoder input (fine for training without REPA)")
 
 
-def feature_names(specs: list) -> list:
-    from core.encoders import parse_encoder_spec
-
-    return [parse_encoder_spec(s)[0] for s in specs]
-
-
 def build_models(args, device, text_encoder: str = None, text_tokens: int = None) -> Models:
     from core.encoders import load_encoder
 
     models = Models(build_autoencoder(args.vae, device))
     models.encoders = [(name, load_encoder(spec, args.resolution, device))
-                       for name, spec in zip(feature_names(args.features), args.features)]
+                       for name, spec in zip(encoder_names(args.features), args.features)]
     if text_encoder:
         from t2i.text_encoder import load_text_encoder
 
