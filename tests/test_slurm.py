@@ -84,7 +84,9 @@ def coco_job(cluster, tmp_path_factory):
                           f"--output={log}", "slurm/train_coco.sh", f"train.max_steps={MAX_STEPS}",
                           "train.ckpt_every=1000", "train.log_every=1", "train.num_workers=0",
                           "train.tensorboard=false", "data.synthetic_samples=128"], env=env, cwd=REPO)
-    text = lambda: log.read_text() if log.exists() else ""  # noqa: E731
+    # The log interleaves the bytes of several processes (tasks, the batch shell), which can split a UTF-8
+    # character such as tqdm's bar blocks: decode it leniently.
+    text = lambda: log.read_text(errors="replace") if log.exists() else ""  # noqa: E731
     state, wait = lambda: cluster.job(job), cluster.wait_for  # noqa: E731
     try:
         wait(lambda: len(_logged_steps(run_dir)) >= SIGNAL_AFTER or state().get("JobState") not in
@@ -141,8 +143,8 @@ def test_eval_fid_job_on_the_trained_run(cluster, coco_job, tmp_path, capsys):
     try:
         cluster.wait_for(lambda: cluster.job(job).get("JobState") not in ACTIVE, TIMEOUT, "the eval job to finish")
     except TimeoutError as e:
-        raise AssertionError(f"{e}\n{log.read_text()[-5000:] if log.exists() else ''}") from None
-    out, final = log.read_text(), cluster.job(job)
+        raise AssertionError(f"{e}\n{log.read_text(errors='replace')[-5000:] if log.exists() else ''}") from None
+    out, final = log.read_text(errors="replace"), cluster.job(job)
     assert final.get("JobState") == "COMPLETED" and final.get("ExitCode") == "0:0", (final, out[-3000:])
     assert "rank 0: 4 images" in out and "rank 1: 4 images" in out, out[-3000:]
     metrics = json.loads((tmp_path / "samples" / "metrics.json").read_text())
