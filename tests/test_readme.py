@@ -46,7 +46,8 @@ def runnable(command: str) -> bool:
 
 
 def as_test_command(command: str) -> list[str]:
-    """The README command as typed, with this venv's launchers; training commands get a few steps only."""
+    """The README command as typed, with this venv's launchers; training commands get a few steps only, and a
+    benchmark suite its baseline only."""
     args = shlex.split(command)
     if args[0] in ("deepspeed", "torchrun"):
         args[0:1] = [os.path.join(BIN, args[0]), "--master_port", str(_free_port())]
@@ -54,6 +55,8 @@ def as_test_command(command: str) -> list[str]:
         args[0] = os.path.join(BIN, "python")
     if any(e in command for e in TRAIN_ENTRIES):
         args += TRAIN_SHORT
+    if "core.bench_suite" in command:  # the suite's first lever only: the other eight are the same code path
+        args += ["--only", "baseline"]
     return args
 
 
@@ -68,7 +71,7 @@ def test_every_readme_command_is_run_or_has_a_reason():
     assert len(commands) > 20, "the README's bash blocks were not found"
     run = [c for c in commands if runnable(c)]
     known = ("deepspeed --num_gpus 2", "torchrun", "python -m class_cond.train", "python -m t2i.sample",
-             "python -m core.checkpoint", "python -m core.bench")
+             "python -m core.checkpoint", "python -m core.bench", "python -m core.bench_suite")
     unknown = [c for c in run if not c.startswith(known)]
     assert not unknown, f"README commands neither run by this test nor listed in NOT_RUN: {unknown}"
 
