@@ -334,6 +334,15 @@ def validate_common(cfg: Any) -> None:
         raise ConfigError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
     if t.num_workers < 0:
         raise ConfigError(f"train.num_workers must be >= 0, got {t.num_workers}")
+    if cfg.run.seed < 0:  # the per-step generators are seeded from numpy SeedSequence, which takes no negatives
+        raise ConfigError(f"run.seed must be >= 0, got {cfg.run.seed}")
+    for key, beta in (("train.beta1", t.beta1), ("train.beta2", t.beta2)):
+        if not 0.0 <= beta < 1.0:
+            raise ConfigError(f"{key} must be in [0, 1), got {beta}")
+    if t.weight_decay < 0:
+        raise ConfigError(f"train.weight_decay must be >= 0, got {t.weight_decay}")
+    if t.grad_clip < 0:  # DeepSpeed clips only for a value > 0: a negative one would switch clipping off silently
+        raise ConfigError(f"train.grad_clip must be >= 0 (0 = no clipping), got {t.grad_clip}")
     if not os.path.isfile(t.ds_config):
         raise ConfigError(f"train.ds_config: file {t.ds_config!r} does not exist")
     if r.coeff < 0:
@@ -351,12 +360,24 @@ def validate_common(cfg: Any) -> None:
             except ValueError as err:
                 raise ConfigError(f"repa.encoders[{i}]: {err}") from None
     check_choice("repa.loss", r.loss, ("cosine", "ntxent"))
+    if r.loss == "ntxent" and r.ntxent_temperature <= 0:
+        raise ConfigError(f"repa.ntxent_temperature must be > 0, got {r.ntxent_temperature}")
     o = cfg.objective
     check_choice("objective.kind", o.kind, ("transport", "ddpm"))
     check_choice("objective.path", o.path, ("linear", "cosine"))
     check_choice("objective.time_sampling", o.time_sampling, ("uniform", "lognormal"))
     check_choice("objective.beta_schedule", o.beta_schedule, ("linear", "cosine"))
+    if o.kind == "transport":
+        for key, value, default in (("diffusion_steps", o.diffusion_steps, 1000), ("beta_schedule", o.beta_schedule,
+                                                                                   "linear")):
+            if value != default:  # the transport objective has no discrete schedule to apply them to
+                raise ConfigError(f"objective.{key}={value} applies to objective.kind=ddpm only; "
+                                  f"objective.kind=transport uses objective.path and objective.time_sampling")
     if o.kind == "ddpm":
+        for key, value, default in (("path", o.path, "linear"), ("time_sampling", o.time_sampling, "uniform")):
+            if value != default:  # DDPM has its own noise schedule: the setting would be silently ignored
+                raise ConfigError(f"objective.{key}={value} applies to objective.kind=transport only; "
+                                  f"objective.kind=ddpm uses objective.beta_schedule")
         from core.diffusion import beta_schedule
 
         try:

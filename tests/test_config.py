@@ -38,10 +38,18 @@ def test_yaml_and_overrides_typed():
     ("objective.path=quadratic", "objective.path: 'quadratic' is not one of: linear, cosine"),
     ("train.ds_config=ds_configs/nope.json", "train.ds_config: file 'ds_configs/nope.json' does not exist"),
     ("noequals", "is not of the form section.key=value"),
+    ("run.seed=-1", "run.seed must be >= 0, got -1"),
+    ("train.beta2=1.5", "train.beta2 must be in [0, 1), got 1.5"),
+    ("train.grad_clip=-1", "train.grad_clip must be >= 0 (0 = no clipping), got -1.0"),
+    ("train.weight_decay=-0.1", "train.weight_decay must be >= 0, got -0.1"),
+    ("repa.loss=ntxent repa.ntxent_temperature=0", "repa.ntxent_temperature must be > 0, got 0.0"),
+    ("objective.kind=ddpm objective.time_sampling=lognormal",
+     "objective.time_sampling=lognormal applies to objective.kind=transport only"),
+    ("objective.beta_schedule=cosine", "objective.beta_schedule=cosine applies to objective.kind=ddpm only"),
 ])
 def test_errors_name_the_key(override, message):
     with pytest.raises(ConfigError) as err:
-        load(override)
+        load(*override.split(" "))
     assert message in str(err.value)
 
 
