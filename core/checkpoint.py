@@ -187,9 +187,31 @@ def check_state_dict(expected: dict, state: dict, source: str,
                          f"lacks ({len(extra)} such keys)")
 
 
-def load_checkpoint(ckpt_dir: str, engine, ema, rank: int, world_size: int) -> dict:
-    """Restore model, optimizer, EMA and (same world size) this rank's RNG streams; returns state.json."""
+def check_same_model(ckpt_dir: str, saved: dict | None, model: dict) -> None:
+    """ConfigError unless the checkpoint's model record {"task", "kwargs"} is `model`'s. Same-shaped weights can
+    mean another model (a preset's head count changed: 768 = 12 x 64 = 24 x 32), so shapes alone do not tell."""
+    from core.config import ConfigError
+
+    if saved is None:  # a checkpoint from before models were recorded: nothing to compare
+        return
+    now = json.loads(json.dumps(model))  # tuples -> lists, as state.json holds them
+    if saved.get("task") != now["task"]:
+        raise ConfigError(f"{ckpt_dir} holds a {saved.get('task')!r} model; this run builds a {now['task']!r} one")
+    old, new = saved.get("kwargs", {}), now["kwargs"]
+    diff = [f"{k}: {old.get(k, '(unset)')} in the checkpoint, {new.get(k, '(unset)')} now"
+            for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    if diff:
+        raise ConfigError(f"{ckpt_dir} holds a model built with other arguments ({'; '.join(diff)}), so its weights "
+                          "would be read as another model's; resume it with the code/preset that made it, or start "
+                          "a new run.dir")
+
+
+def load_checkpoint(ckpt_dir: str, engine, ema, rank: int, world_size: int, model: dict | None = None) -> dict:
+    """Restore model, optimizer, EMA and (same world size) this rank's RNG streams; returns state.json.
+    `model` ({"task", "kwargs"} of the model built) is checked against the checkpoint's record first."""
     state = read_state(ckpt_dir)
+    if model is not None:
+        check_same_model(ckpt_dir, state.get("model"), model)
     root, tag = os.path.split(ckpt_dir)
     load_path, _ = engine.load_checkpoint(root, tag=tag)
     if load_path is None:

@@ -280,7 +280,8 @@ def train(cfg, task: Task) -> int:
              "world_size": ctx.world_size, "model": {"task": task.name, "kwargs": model_kwargs},
              "latent": info.manifest["latent"], "data": info.identity()}
     if resume_from is not None:
-        state.update(ckpt.load_checkpoint(resume_from, engine, ema, ctx.rank, ctx.world_size))
+        state.update(ckpt.load_checkpoint(resume_from, engine, ema, ctx.rank, ctx.world_size,
+                                          model={"task": task.name, "kwargs": model_kwargs}))
         state.update(config_hash=config_hash(cfg), world_size=ctx.world_size,
                      model={"task": task.name, "kwargs": model_kwargs}, latent=info.manifest["latent"],
                      data=info.identity())

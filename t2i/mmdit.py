@@ -17,7 +17,9 @@ from core.repa import build_projector
 
 MMDIT_PRESETS: dict[str, dict] = {
     "tiny": dict(depth=4, hidden_size=128, num_heads=4, patch_size=2),
-    "base": dict(depth=24, hidden_size=768, num_heads=12, patch_size=2),  # App. K: the COCO 256 px model
+    # App. K: the COCO 256 px model (hidden 768, depth 24); 24 heads of 32 as the official REPA MMDiT, which sets
+    # num_heads = depth. Same parameters and FLOPs as 12 x 64, but another attention.
+    "base": dict(depth=24, hidden_size=768, num_heads=24, patch_size=2),
     "large": dict(depth=24, hidden_size=1024, num_heads=16, patch_size=2),  # for 512 px (64x64 latents)
 }
 

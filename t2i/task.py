@@ -23,7 +23,7 @@ from t2i.text_encoder import text_shape
 
 @dataclass
 class T2IModelConfig:
-    preset: str = "base"  # tiny, base (App. K: hidden 768, depth 24, 12 heads), large (for 512 px)
+    preset: str = "base"  # tiny, base (App. K: hidden 768, depth 24, 24 heads), large (for 512 px)
     qk_norm: bool = False  # RMSNorm on queries and keys (SD3); helps stability at scale
     pooled_text: bool = False  # add an MLP of the mean caption token to the timestep embedding
     grad_checkpointing: bool = False

@@ -43,6 +43,8 @@ def test_paper_shapes_at_256_and_512(resolution, latent):
     if preset == "base":
         # per block two streams of qkv 3h^2 + proj h^2 + MLP 8h^2 + adaLN 6h^2 = 36 h^2; x 24 blocks = 510M
         assert abs(n - 36 * 768**2 * 24) < 0.02 * n, n
+        # the official REPA MMDiT sets num_heads = depth: 24 heads of 32 channels
+        assert m.blocks[0].x_block.num_heads == 24 and m.blocks[0].x_block.head_dim == 32
 
 
 def test_image_output_depends_on_caption_only_through_attention():

@@ -165,6 +165,24 @@ def test_nan_loss_skipped_and_counted(tmp_path, tiny_args):
     assert record["step"] == 12 and record["skipped_steps"] > 0
 
 
+def test_resume_refuses_a_model_built_with_other_arguments(tmp_path, tiny_args):
+    """Same config, same weight shapes, other model (as when a preset's head count changes): refused, named."""
+    run = tmp_path / "run"
+    run_train(tiny_args("train.max_steps=2", run_dir=run))
+    (_, ckpt_dir), = list_checkpoints(run)
+    state_file = os.path.join(ckpt_dir, "state.json")
+    with open(state_file) as f:
+        state = json.load(f)
+    heads = state["model"]["kwargs"]["num_heads"]
+    state["model"]["kwargs"]["num_heads"] = heads * 2
+    with open(state_file, "w") as f:
+        json.dump(state, f)
+    proc = run_train(tiny_args("train.max_steps=4", run_dir=run), check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"num_heads: {heads * 2} in the checkpoint, {heads} now" in proc.stderr
+    assert max(s for s, _ in list_checkpoints(run)) == 2  # nothing trained or written
+
+
 def test_config_change_refused_on_resume(tmp_path, tiny_args):
     run = tmp_path / "run"
     run_train(tiny_args("train.max_steps=2", run_dir=run))
