@@ -40,10 +40,18 @@ class MetricsLogger:
 
 
 def read_metrics(run_dir: str) -> list[dict]:
-    """The records of run.dir/metrics.jsonl (for plots and tests)."""
+    """The records of run.dir/metrics.jsonl (for plots and tests), one per step in step order.
+
+    A run stopped after logging a step but before checkpointing it logs that step again when resumed (it replays
+    it); the file keeps both lines, and the later one is the record returned."""
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.isfile(path):
         return []
     with open(path) as f:
         lines = f.read().split("\n")
-    return [json.loads(line) for line in lines[:-1] if line.strip()]  # a last line torn by a kill is dropped
+    by_step = {}
+    for line in lines[:-1]:  # a last line torn by a kill is dropped
+        if line.strip():
+            record = json.loads(line)
+            by_step[record["step"]] = record
+    return [by_step[s] for s in sorted(by_step)]

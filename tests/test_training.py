@@ -165,6 +165,13 @@ def test_nan_loss_skipped_and_counted(tmp_path, tiny_args):
     assert record["step"] == 12 and record["skipped_steps"] > 0
 
 
+def test_metrics_of_a_replayed_step_read_once_latest_wins(tmp_path):
+    lines = [{"step": 10, "loss": 1.0}, {"step": 20, "loss": 0.9}, {"step": 30, "loss": 0.8},  # killed after 30
+             {"step": 30, "loss": 0.7}, {"step": 40, "loss": 0.6}]  # resumed from the step-20 checkpoint
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"step": 5')
+    assert [(r["step"], r["loss"]) for r in read_metrics(tmp_path)] == [(10, 1.0), (20, 0.9), (30, 0.7), (40, 0.6)]
+
+
 def test_resume_refuses_a_model_built_with_other_arguments(tmp_path, tiny_args):
     """Same config, same weight shapes, other model (as when a preset's head count changes): refused, named."""
     run = tmp_path / "run"
