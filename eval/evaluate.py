@@ -20,11 +20,14 @@ from eval.generate import add_generation_args, generate, validate_generation_arg
 
 
 def default_out(args: argparse.Namespace) -> str:
-    """RUN/eval/ode50_cfg1.8_0-0.7_n50000_seed0 (settings in the name, so different runs never mix)."""
+    """RUN/eval/ode50_cfg1.8_0-0.7_n50000_seed0 (settings in the name, so different runs never mix); a precision
+    other than fp32 is appended (..._seed0_bf16), so fp32 folders keep the names they had before it was recorded."""
     root = args.run if os.path.isdir(args.run) else os.path.splitext(args.run)[0] + "_eval"
     sampler = f"{args.sampler}{args.steps}" + ("heun" if args.heun else "")
     low, high = args.guidance_interval
     name = f"{sampler}_cfg{args.cfg:g}_{low:g}-{high:g}_n{args.num_samples}_seed{args.seed}"
+    if args.precision != "fp32":
+        name += f"_{args.precision}"
     return os.path.join(root, "eval", name) if os.path.isdir(args.run) else os.path.join(root, name)
 
 

@@ -5,7 +5,8 @@
     accelerate launch -m eval.generate --run runs/dit_xl2_repa_in256 --sampler ddpm --steps 250 ...   # DiT
 
 The sampler follows the run's recorded objective: ode/sde (default sde) for SiT's transport, ddpm/ddim (default
-ddpm, DiT's 250 respaced steps) for the ddpm objective; a sampler of the other family is refused.
+ddpm, DiT's 250 respaced steps) for the ddpm objective; a sampler of the other family is refused. The SDE's score
+follows the recorded transport path (objective.path: linear or cosine).
 
 Writes OUT/images/NNNNNN.png (uint8, one per sample, named by global index), OUT/generation.json (settings,
 checkpoint step) and, when every image exists, OUT/samples.npz in the ADM layout (arr_0 uint8 (N, H, W, 3),
@@ -41,7 +42,7 @@ SETTINGS_FILE = "generation.json"
 NPZ_FILE = "samples.npz"
 # Keys of generation.json that decide the images: a rerun with different values is refused, not mixed in.
 SAMPLING_KEYS = ("source", "step", "sampler", "steps", "heun", "cfg", "guidance_interval", "t_last", "seed",
-                 "seeding", "num_samples", "autoencoder", "cond_file")
+                 "seeding", "num_samples", "autoencoder", "cond_file", "precision")
 
 
 # Samplers of each objective kind (core.transport.build_objective); the first is the default.
@@ -93,10 +94,12 @@ class Generator:
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
         if heun and sampler != "ode":
             raise ValueError("--heun applies to the ODE sampler only")
+        check_sampling_values(cfg, t_last)
         self.device = torch.device(device)
         self.model, self.meta = load_eval_model(source, self.device)
         objective_cfg = objective_config(self.meta)
         sampler = pick_sampler(objective_cfg.kind, sampler)
+        self.path = objective_cfg.path  # the SDE's score from velocity follows the path the model was trained on
         # ddpm/ddim run on the recorded diffusion respaced to `steps` (DiT: 250 of 1000)
         self.diffusion = build_objective(objective_cfg).respace(steps) if objective_cfg.kind == "ddpm" else None
         self.forward = torch.compile(self.model) if compile else self.model
@@ -108,7 +111,8 @@ class Generator:
         self.precision = precision
         self.settings = {
             "source": self.meta["source"], "step": self.meta["step"], "task": self.task.name,
-            "objective": objective_cfg.kind, "sampler": sampler, "steps": steps, "heun": heun, "cfg": cfg,
+            "objective": objective_cfg.kind, "path": objective_cfg.path if self.diffusion is None else None,
+            "sampler": sampler, "steps": steps, "heun": heun, "cfg": cfg,
             "guidance_interval": list(guidance_interval),
             "t_last": t_last, "seed": seed, "seeding": "per-sample (seed, index)",
             "autoencoder": vae or latent["autoencoder"], "cond_file": cond_file, "precision": precision,
@@ -135,7 +139,7 @@ class Generator:
         with autocast:
             if s["sampler"] == "ode":
                 return ode_sample(velocity, x1, s["steps"], heun=s["heun"])
-            return sde_sample(velocity, x1, s["steps"], gens, t_last=s["t_last"])
+            return sde_sample(velocity, x1, s["steps"], gens, t_last=s["t_last"], path=self.path)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Scaled latents -> uint8 (B, 3, H, W): undo this run's scale/shift, then the autoencoder's own scale."""
@@ -249,16 +253,32 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
 
 
+def check_sampling_values(cfg: float, t_last: float) -> None:
+    """ValueError naming the option when --cfg or --t-last is out of range (checked before anything is written)."""
+    if not cfg >= 0:  # also refuses nan
+        raise ValueError(f"--cfg must be >= 0, got {cfg}")
+    if not 0 < t_last < 1:
+        raise ValueError(f"--t-last must be in (0, 1), got {t_last}")
+
+
 def validate_generation_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Check the options and resolve the default sampler; p.error (exit 2) naming the option, before any output."""
     if args.num_samples < 1 or args.batch_size < 1 or args.steps < 1:
         p.error("--num-samples, --batch-size and --steps must be positive")
     low, high = args.guidance_interval
     if not 0 <= low <= high <= 1:
         p.error(f"--guidance-interval must satisfy 0 <= LOW <= HIGH <= 1, got {low} {high}")
-    try:  # resolve the default sampler from the run's objective now: output names depend on it
+    try:
+        check_sampling_values(args.cfg, args.t_last)
+        # resolve the default sampler from the run's objective now: output names depend on it
         args.sampler = pick_sampler(objective_config(resolve_weights(args.run)[1]).kind, args.sampler)
     except (ValueError, FileNotFoundError) as err:
         p.error(str(err))
+    if args.heun and args.sampler != "ode":
+        p.error("--heun applies to the ODE sampler only")
+    if args.sampler == "sde" and args.steps < 2:
+        p.error(f"--steps must be >= 2 for the SDE sampler (its last step is the noiseless jump to 0), "
+                f"got {args.steps}")
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -26,7 +26,12 @@ class GuidedVelocity:
     keep_sigma: then (B, 2C) with the extra C channels of the conditional forward. model_time(t) -> the model's
     timestep input (default: t itself). `forwards` counts model calls and `rows` the samples pushed through them
     (for NFE/throughput checks).
+
+    Called as velocity(x, t, guide_t=...) (takes_guide_t), the interval is tested at guide_t instead of t: Heun's
+    corrector passes its step's start, so the whole step is guided or not, as the reference (eval.samplers).
     """
+
+    takes_guide_t = True
 
     def __init__(self, model: nn.Module, cond: Mapping[str, torch.Tensor], null_cond: Mapping[str, torch.Tensor],
                  scale: float = 1.0, interval: tuple[float, float] = (0.0, 1.0),
@@ -59,9 +64,10 @@ class GuidedVelocity:
         return out[:, : x.shape[1]].to(torch.float64)
 
     @torch.no_grad()
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, guide_t: Optional[torch.Tensor] = None) -> torch.Tensor:
         low, high = self.interval
-        inside = (t >= low) & (t <= high)
+        decide = t if guide_t is None else guide_t  # (B,) times whose interval test decides guidance
+        inside = (decide >= low) & (decide <= high)
         if self.scale == 1.0 or not bool(inside.any()):  # nothing to guide: one conditional forward
             return self._forward(x, t, self.cond)
         both = {k: torch.cat([self.cond[k], self.null[k]]) for k in self.cond}

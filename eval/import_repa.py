@@ -142,12 +142,14 @@ def export_repa(path: str, out: str, use_ema: bool = True, autoencoder: str = DE
     """Write `out` (.safetensors) and its .json in the layout of core.checkpoint.export_ema, for eval.generate.
 
     objective: "transport" (SiT, REPA) or "ddpm" (DiT: needs learned sigma); recorded as the config's objective
-    section with this project's defaults (DiT's 1000 linear steps). model_name: e.g. "DiT-XL/2", the preset that
-    tells the head count when the checkpoint has no args (a bare state dict such as DiT-XL-2-256x256.pt).
+    section with this project's defaults (DiT's 1000 linear steps), a transport's path and time sampling taken from
+    the checkpoint's args (path_type, weighting; linear/uniform when absent). model_name: e.g. "DiT-XL/2", the
+    preset that tells the head count when the checkpoint has no args (a bare state dict such as DiT-XL-2-256x256.pt).
     """
     if objective not in ("transport", "ddpm"):
         raise ValueError(f"objective {objective!r} is not one of: transport, ddpm")
     model, kwargs, info = _load(path, use_ema, overrides, model_name)
+    objective_cfg = _objective_of(objective, info["args"], path)
     if objective == "ddpm" and not kwargs["learn_sigma"]:
         raise ValueError(f"{path!r} predicts {model.out_channels} channels for {model.in_channels}-channel latents: "
                          "the ddpm objective needs learned sigma (doubled output channels)")
@@ -158,7 +160,7 @@ def export_repa(path: str, out: str, use_ema: bool = True, autoencoder: str = DE
         "latent": {"autoencoder": autoencoder, "scale_factor": SD_VAE_SCALE, "shift": 0.0,
                    "shape": [model.in_channels, s, s]},  # the reference trains on SD-VAE latents x 0.18215
         "config": {"imported_from": os.path.abspath(path), "weights": "ema" if use_ema else "model",
-                   "objective": to_dict(ObjectiveConfig(kind=objective)),
+                   "objective": to_dict(objective_cfg),
                    "args": {k: v if isinstance(v, (int, float, str, bool, type(None))) else str(v)
                             for k, v in info["args"].items()}},
     }
@@ -168,6 +170,19 @@ def export_repa(path: str, out: str, use_ema: bool = True, autoencoder: str = DE
     with open(os.path.splitext(out)[0] + ".json", "w") as f:
         json.dump(meta, f, indent=1)
     return out
+
+
+def _objective_of(kind: str, args: dict, path: str) -> ObjectiveConfig:
+    """The ObjectiveConfig of a reference checkpoint: the transport's path (args.path_type, which the SDE sampler's
+    score needs) and time sampling (args.weighting) from its train.py args, our defaults where args lack them."""
+    if kind != "transport":
+        return ObjectiveConfig(kind=kind)
+    path_type, weighting = args.get("path_type") or "linear", args.get("weighting") or "uniform"
+    if path_type not in ("linear", "cosine"):
+        raise ValueError(f"{path!r} was trained with path_type={path_type!r}; supported: linear, cosine")
+    if weighting not in ("uniform", "lognormal"):
+        raise ValueError(f"{path!r} was trained with weighting={weighting!r}; supported: uniform, lognormal")
+    return ObjectiveConfig(kind=kind, path=path_type, time_sampling=weighting)
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -1,9 +1,16 @@
-"""Samplers, pure functions of a model callable: ODE/SDE for the linear-path flow model (SiT), ancestral DDPM and
-DDIM for the discrete Gaussian diffusion (DiT, core.diffusion).
+"""Samplers, pure functions of a model callable: ODE/SDE for the flow model (SiT, linear or cosine path),
+ancestral DDPM and DDIM for the discrete Gaussian diffusion (DiT, core.diffusion).
 
-Conventions (NOTES.md, the REPA reference's generate.py): t = 1 is noise, t = 0 is data, x_t = (1 - t) x0 + t eps,
+Conventions (NOTES.md, the REPA reference's generate.py): t = 1 is noise, t = 0 is data, x_t = alpha_t x0 +
+sigma_t eps on the transport's path (linear: alpha = 1 - t, sigma = t; or cosine, core.transport.Transport),
 `velocity(x, t) -> v` with x (B, ...) and t (B,); the loop runs in float64. Noise comes only from the explicit
 generator(s) passed in, so a sampler can be tested against a closed-form velocity with no network at all.
+The ODE needs no path (it integrates v); the SDE does (its score comes from v through the path's coefficients).
+
+Guidance is decided once per step, at the step's start t_cur, as the reference's euler/heun samplers: a velocity
+with `takes_guide_t = True` (eval.guidance.GuidedVelocity) is called as velocity(x, t, guide_t=t_cur) by Heun's
+corrector, so a step that starts outside the guidance interval is not guided at t_next either. Plain v(x, t)
+callables are called with (x, t) only.
 
 NFE: ode_sample N steps = N (Euler) or 2N - 1 (Heun, correction skipped on the last step); sde_sample N = N;
 ddpm_sample and ddim_sample on an N-step respaced diffusion = N. The diffusion samplers call
@@ -15,6 +22,7 @@ from typing import Callable, Sequence, Union
 import torch
 
 from core.diffusion import GaussianDiffusion
+from core.transport import Transport
 
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Generators = Union[torch.Generator, Sequence[torch.Generator]]
@@ -30,15 +38,19 @@ def randn(shape: Sequence[int], generator: Generators, device, dtype=torch.float
     return torch.stack([torch.randn(shape[1:], generator=g, device=device, dtype=dtype) for g in generator])
 
 
-def _v(velocity: Velocity, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    return velocity(x, t.expand(x.shape[0])).to(torch.float64)
+def _v(velocity: Velocity, x: torch.Tensor, t: torch.Tensor, guide_t: torch.Tensor | None = None) -> torch.Tensor:
+    """velocity at scalar time t for the batch x; guide_t (scalar): the time deciding guidance, if it takes one."""
+    b = x.shape[0]
+    if guide_t is not None and getattr(velocity, "takes_guide_t", False):
+        return velocity(x, t.expand(b), guide_t=guide_t.expand(b)).to(torch.float64)
+    return velocity(x, t.expand(b)).to(torch.float64)
 
 
 def ode_sample(velocity: Velocity, x1: torch.Tensor, num_steps: int, heun: bool = False) -> torch.Tensor:
     """Integrate dx/dt = v from t=1 to t=0 on linspace(1, 0, num_steps + 1) with Euler or Heun.
 
-    x1: (B, ...) noise. Heun's correction is skipped on the last step (t_next = 0), as the reference. Returns x0
-    (B, ...) in x1's dtype.
+    x1: (B, ...) noise. Heun's correction is skipped on the last step (t_next = 0), as the reference, and takes the
+    guidance decision of t_cur (module docstring). Returns x0 (B, ...) in x1's dtype.
     """
     _check_steps(num_steps)
     ts = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64, device=x1.device)
@@ -48,28 +60,37 @@ def ode_sample(velocity: Velocity, x1: torch.Tensor, num_steps: int, heun: bool 
         d_cur = _v(velocity, x, t_cur)
         x_next = x + (t_next - t_cur) * d_cur
         if heun and i < num_steps - 1:
-            d_next = _v(velocity, x_next, t_next)
+            d_next = _v(velocity, x_next, t_next, guide_t=t_cur)
             x_next = x + (t_next - t_cur) * 0.5 * (d_cur + d_next)
         x = x_next
     return x.to(x1.dtype)
 
 
-def score_from_velocity(v: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Score of the linear path from its velocity: s = -((1 - t) v + x) / t (t > 0, broadcast over x)."""
+def score_from_velocity(v: torch.Tensor, x: torch.Tensor, t: torch.Tensor, path: str = "linear") -> torch.Tensor:
+    """Score of x_t = alpha_t x0 + sigma_t eps from its velocity (the reference's get_score_from_velocity):
+    s = (r v - x) / (sigma^2 - r sigma d_sigma), r = alpha / d_alpha; for the linear path s = -((1 - t) v + x) / t.
+
+    v, x: (B, ...); t: () or (B,) with t > 0 (broadcast over x); path: "linear" or "cosine" (core.transport).
+    """
     t = t.view(-1, *([1] * (x.dim() - 1))) if t.dim() else t
-    return -((1 - t) * v + x) / t
+    alpha, sigma, d_alpha, d_sigma = Transport(path).alpha_sigma(t.to(torch.float64))
+    ratio = alpha / d_alpha
+    return (ratio * v - x) / (sigma**2 - ratio * d_sigma * sigma)
 
 
 def sde_sample(velocity: Velocity, x1: torch.Tensor, num_steps: int, generator: Generators,
-               t_last: float = 0.04) -> torch.Tensor:
+               t_last: float = 0.04, path: str = "linear") -> torch.Tensor:
     """Euler–Maruyama on linspace(1, t_last, num_steps), then one noiseless step to t = 0 (the drift's mean).
 
-    Diffusion coefficient g² = 2t (the reference): drift d = v - ½·2t·score, noise std sqrt(2t·|dt|).
+    Diffusion coefficient g² = 2t for every path, as the reference (compute_diffusion): any g leaves the
+    marginals of x_t unchanged, only the score depends on the path. Drift d = v - ½·2t·score (score from v on
+    `path`, the path the model was trained on: "linear" or "cosine"), noise std sqrt(2t·|dt|).
     x1: (B, ...) noise; generator: one torch.Generator, or one per sample. Returns x0 in x1's dtype. NFE = num_steps.
     """
     _check_steps(num_steps, minimum=2)
     if not 0.0 < t_last < 1.0:
         raise ValueError(f"t_last must be in (0, 1), got {t_last}")
+    Transport(path)  # an unknown path is an error before any model call
     ts = torch.linspace(1.0, t_last, num_steps, dtype=torch.float64, device=x1.device)
     ts = torch.cat([ts, ts.new_zeros(1)])
     x = x1.to(torch.float64)
@@ -78,7 +99,7 @@ def sde_sample(velocity: Velocity, x1: torch.Tensor, num_steps: int, generator: 
         dt = t_next - t_cur
         v = _v(velocity, x, t_cur)
         diffusion = 2.0 * t_cur
-        drift = v - 0.5 * diffusion * score_from_velocity(v, x, t_cur)
+        drift = v - 0.5 * diffusion * score_from_velocity(v, x, t_cur, path)
         x = x + drift * dt
         if i < num_steps - 1:  # the last step, to t = 0, takes the mean only
             x = x + torch.sqrt(diffusion * dt.abs()) * randn(x.shape, generator, x.device)

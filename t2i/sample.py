@@ -17,7 +17,7 @@ import torch
 
 from core.latents import build_autoencoder
 from eval.guidance import GuidedVelocity
-from eval.loading import load_eval_model, resolve_weights
+from eval.loading import load_eval_model, objective_config, resolve_weights
 from eval.samplers import ode_sample, sde_sample
 
 
@@ -36,6 +36,10 @@ def sample_images(model, meta: dict, contexts: torch.Tensor, null_context: torch
     """uint8 images (N, H, W, 3) for caption embeddings `contexts` (N, L, D); sample i's noise comes from a
     generator seeded by (seed, i), so an image does not depend on the batch it was drawn in."""
     device = next(model.parameters()).device
+    objective = objective_config(meta)
+    if objective.kind != "transport":  # the ODE/SDE here integrate a velocity; DDPM models sample with eval.generate
+        raise ValueError(f"t2i.sample draws from transport (velocity) models; this one was trained with "
+                         f"objective.kind={objective.kind!r}")
     c, h, w = meta["latent"]["shape"]
     autoencoder = build_autoencoder(vae or meta["latent"]["autoencoder"], device)
     out = []
@@ -48,7 +52,7 @@ def sample_images(model, meta: dict, contexts: torch.Tensor, null_context: torch
         if sampler == "ode":
             x0 = ode_sample(velocity, x1, steps, heun=heun)
         elif sampler == "sde":
-            x0 = sde_sample(velocity, x1, steps, gens)
+            x0 = sde_sample(velocity, x1, steps, gens, path=objective.path)  # the score depends on the path
         else:
             raise ValueError(f"sampler {sampler!r} is not one of: ode, sde")
         latents = (x0.float() - meta["latent"].get("shift", 0.0))

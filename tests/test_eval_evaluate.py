@@ -24,3 +24,15 @@ def test_generate_then_proxy_fid_into_metrics_json(tmp_path, capsys):
         (tmp_path / "bad.npz").write_bytes(b"not an npz")
         main(["--run", str(export), "--sampler", "ode", "--steps", "3", "--num-samples", "2", "--ref",
               str(tmp_path / "bad.npz"), "--features", "proxy", "--out", str(tmp_path / "o")])
+
+
+def test_default_output_folder_names_the_precision():
+    import argparse
+
+    from eval.evaluate import default_out
+
+    args = argparse.Namespace(run="/w/ema.safetensors", sampler="sde", steps=250, heun=False, cfg=1.8,
+                              guidance_interval=(0.0, 0.7), num_samples=50000, seed=0, precision="fp32")
+    assert default_out(args) == "/w/ema_eval/sde250_cfg1.8_0-0.7_n50000_seed0"  # fp32 names as before
+    args.precision = "bf16"
+    assert default_out(args) == "/w/ema_eval/sde250_cfg1.8_0-0.7_n50000_seed0_bf16"

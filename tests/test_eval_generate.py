@@ -1,6 +1,8 @@
 """Generation end to end on a tiny SiT export: PNGs, ADM .npz, resume, sharding, task registry, errors."""
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -132,3 +134,49 @@ def test_two_processes_under_accelerate_match_one(export, tmp_path):
     assert "rank 0: 4 images" in proc.stdout and "rank 1: 3 images" in proc.stdout
     assert np.array_equal(np.load(tmp_path / "two" / "samples.npz")["arr_0"],
                           np.load(tmp_path / "one" / "samples.npz")["arr_0"])
+
+
+def test_a_rerun_with_another_precision_is_refused(export, tmp_path):
+    out = tmp_path / "samples"
+    _gen(export, out)
+    assert json.loads((out / "generation.json").read_text())["precision"] == "fp32"
+    with pytest.raises(ValueError, match=r"other settings \(precision: \['fp32'\] there, \['bf16'\] now\)"):
+        _gen(export, out, "--precision", "bf16")
+
+
+@pytest.mark.parametrize("option,value,message", [
+    ("--cfg", "-1", "--cfg must be >= 0, got -1.0"),
+    ("--cfg", "nan", "--cfg must be >= 0, got nan"),
+    ("--t-last", "0", r"--t-last must be in \(0, 1\), got 0.0"),
+    ("--t-last", "1.5", r"--t-last must be in \(0, 1\), got 1.5"),
+    ("--steps", "1", "--steps must be >= 2 for the SDE sampler"),
+])
+def test_bad_values_are_refused_before_anything_is_written(export, tmp_path, capsys, option, value, message):
+    out = tmp_path / "samples"
+    with pytest.raises(SystemExit) as exc:
+        _gen(export, out, option, value)
+    assert exc.value.code == 2 and not out.exists()
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_sde_follows_the_recorded_transport_path(export, tmp_path):
+    """The same weights recorded with objective.path=cosine: SDE images change (the score follows the path), ODE
+    images do not (it integrates the velocity only)."""
+    cosine = tmp_path / "cos" / "ema.safetensors"
+    cosine.parent.mkdir()
+    shutil.copy(export, cosine)
+    meta = json.loads(export.with_suffix(".json").read_text())
+    meta["config"] = {"objective": {"kind": "transport", "path": "cosine"}}
+    cosine.with_suffix(".json").write_text(json.dumps(meta))
+    arrays, paths = {}, {}
+    for name, run in (("lin", export), ("cos", cosine)):
+        for sampler in ("sde", "ode"):
+            out = tmp_path / f"{name}_{sampler}"
+            generate_main(["--run", str(run), "--sampler", sampler, "--steps", "6", "--num-samples", "3",
+                           "--batch-size", "3", "--out", str(out)])
+            arrays[name, sampler] = np.load(out / "samples.npz")["arr_0"].astype(int)
+            paths[name, sampler] = json.loads((out / "generation.json").read_text()).get("path")
+    assert np.array_equal(arrays["lin", "ode"], arrays["cos", "ode"])
+    assert np.abs(arrays["lin", "sde"] - arrays["cos", "sde"]).max() > 10
+    assert paths == {("lin", "sde"): "linear", ("lin", "ode"): "linear", ("cos", "sde"): "cosine",
+                     ("cos", "ode"): "cosine"}

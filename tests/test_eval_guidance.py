@@ -92,3 +92,33 @@ def test_bad_guidance_arguments_are_named():
         GuidedVelocity(model, {"context": ctx}, {"context": ctx[:2]}, 2.0)
     with pytest.raises(ValueError, match="interval"):
         GuidedVelocity(model, {"context": ctx}, {"context": ctx}, 2.0, interval=(0.8, 0.2))
+
+
+class LabelModel(nn.Module):
+    """velocity = the label as a constant field (cond y=0 -> 0, null 1000 -> 1000); logs (t, batch) of each call."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(1))
+        self.calls = []
+
+    def forward(self, x, t, y):
+        self.calls.append((round(float(t[0]), 6), x.shape[0]))
+        return x * 0 + y.view(-1, 1, 1, 1).to(x.dtype)
+
+
+def test_heun_corrector_takes_the_guidance_decision_of_the_step_start():
+    """Grid 1.0, 0.9, ..., 0; interval [0, 0.65] lies between t_cur = 0.7 and t_next = 0.6: as the reference's
+    heun sampler, the step 0.7 -> 0.6 is unguided at both of its evaluations, the step 0.6 -> 0.5 guided at both."""
+    model = LabelModel()
+    y = torch.zeros(2, dtype=torch.long)
+    vel = GuidedVelocity(model, {"y": y}, null_class_labels(y, 1000), scale=2.0, interval=(0.0, 0.65))
+    x0 = ode_sample(vel, torch.zeros(2, 1, 1, 1, dtype=torch.float64), 10, heun=True)
+    # guided v = 1000 + 2 (0 - 1000) = -1000 on the 6 steps starting at t_cur <= 0.6, each of dt = -0.1
+    assert torch.allclose(x0, torch.full_like(x0, 600.0))
+    assert model.calls[6:10] == [(0.7, 2), (0.6, 2), (0.6, 4), (0.5, 4)]  # (t, batch): batch 4 = cond + uncond
+    # called directly, guide_t overrides the time of the interval test; without it t decides
+    x, t = torch.zeros(2, 1, 1, 1), torch.full((2,), 0.6)
+    assert torch.equal(vel(x, t), torch.full((2, 1, 1, 1), -1000.0, dtype=torch.float64))
+    assert torch.equal(vel(x, t, guide_t=torch.tensor([0.7, 0.6])).flatten(),
+                       torch.tensor([0.0, -1000.0], dtype=torch.float64))

@@ -10,21 +10,22 @@ from torch import nn
 
 from class_cond.models import build_sit
 from eval.import_repa import check_keys, infer_sit_kwargs, load_repa_checkpoint, main
-from eval.loading import load_eval_model
+from eval.loading import load_eval_model, objective_config, resolve_weights
 
 KEYS_FILE = "/work/shared/reference/repa_sit_keys.txt"
 SMALL = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=48, depth=2, num_heads=6, num_classes=5,
              repa_depth=1, encoder_dims=(16,), projector_dim=32)
 
 
-def _official_checkpoint(path, **kw):
+def _official_checkpoint(path, extra_args=None, **kw):
     """A checkpoint in the reference layout: {'model', 'ema', 'args' (Namespace), 'steps'}, random weights."""
     torch.manual_seed(0)
     ema = build_sit({**SMALL, **kw})
     for p in ema.parameters():
         nn.init.normal_(p, std=0.05)
     model_sd = {k: v + 1.0 for k, v in ema.state_dict().items()}
-    args = argparse.Namespace(model="SiT-S/2", encoder_depth=1, enc_type="dinov2-vit-b", num_classes=5)
+    args = argparse.Namespace(model="SiT-S/2", encoder_depth=1, enc_type="dinov2-vit-b", num_classes=5,
+                              **(extra_args or {}))
     torch.save({"model": model_sd, "ema": ema.state_dict(), "opt": {}, "args": args, "steps": 1234}, path)
     return ema
 
@@ -90,3 +91,18 @@ def test_reference_sit_xl2_key_list_maps_onto_our_model():
     with torch.device("meta"):
         model = build_sit(kwargs)
     check_keys(model, state)
+
+
+def test_export_records_the_checkpoints_path_type_and_weighting(tmp_path):
+    """The SDE's score depends on the path: a cosine-path REPA checkpoint must be recorded as such."""
+    _official_checkpoint(tmp_path / "cos.pt", {"path_type": "cosine", "weighting": "lognormal"})
+    main([str(tmp_path / "cos.pt"), "--out", str(tmp_path / "cos.safetensors"), "--num-heads", "6"])
+    cfg = objective_config(resolve_weights(str(tmp_path / "cos.safetensors"))[1])
+    assert (cfg.kind, cfg.path, cfg.time_sampling) == ("transport", "cosine", "lognormal")
+    _official_checkpoint(tmp_path / "lin.pt")  # no path_type in args: the reference's default, linear
+    main([str(tmp_path / "lin.pt"), "--out", str(tmp_path / "lin.safetensors"), "--num-heads", "6"])
+    cfg = objective_config(resolve_weights(str(tmp_path / "lin.safetensors"))[1])
+    assert (cfg.path, cfg.time_sampling) == ("linear", "uniform")
+    _official_checkpoint(tmp_path / "bad.pt", {"path_type": "sine"})
+    with pytest.raises(SystemExit, match="path_type='sine'; supported: linear, cosine"):
+        main([str(tmp_path / "bad.pt"), "--out", str(tmp_path / "bad.safetensors"), "--num-heads", "6"])

@@ -11,11 +11,29 @@ MU = torch.tensor([1.5, -0.5, 0.0, 2.0], dtype=torch.float64)
 S = torch.tensor([0.5, 1.0, 2.0, 0.2], dtype=torch.float64)
 
 
-def gaussian_velocity(x, t):
-    """Exact E[eps - x0 | x_t] for x0 ~ N(MU, diag(S^2)) on x_t = (1 - t) x0 + t eps."""
-    t = t.view(-1, 1).to(torch.float64)
-    var = (1 - t) ** 2 * S**2 + t**2
-    return -MU + (t - (1 - t) * S**2) / var * (x - (1 - t) * MU)
+def coefficients(t, path):
+    """(alpha, sigma, d alpha, d sigma) of the path, written out here so the test does not reuse the code under test."""
+    if path == "linear":
+        return 1 - t, t, -torch.ones_like(t), torch.ones_like(t)
+    h = math.pi / 2
+    return torch.cos(h * t), torch.sin(h * t), -h * torch.sin(h * t), h * torch.cos(h * t)
+
+
+def path_velocity(path):
+    """Exact E[d_alpha x0 + d_sigma eps | x_t] for x0 ~ N(MU, diag(S^2)) on x_t = alpha_t x0 + sigma_t eps."""
+    def v(x, t):
+        a, b, da, db = coefficients(t.view(-1, 1).to(torch.float64), path)
+        return da * MU + (da * a * S**2 + db * b) / (a**2 * S**2 + b**2) * (x - a * MU)
+    return v
+
+
+def exact_score(x, t, path):
+    """Score of the marginal of x_t: -(x - alpha MU) / (alpha^2 S^2 + sigma^2)."""
+    a, b, _, _ = coefficients(t.view(-1, 1).to(torch.float64), path)
+    return -(x - a * MU) / (a**2 * S**2 + b**2)
+
+
+gaussian_velocity = path_velocity("linear")
 
 
 def test_ode_is_exact_flow_map_in_the_limit_and_converges_at_order_1_and_2():
@@ -40,32 +58,48 @@ def test_ode_counts_function_evaluations_and_keeps_dtype():
     assert all(dt == torch.float64 and shape == (3,) for dt, shape in calls)
 
 
-def _final_step_marginal(t_last=0.04):
+def _final_step_marginal(t_last=0.04, path="linear"):
     """Mean and std after the SDE sampler's noiseless jump t_last -> 0 applied to the exact marginal at t_last.
 
     The jump is affine in x for Gaussian data; it shrinks dimensions whose std is comparable to t_last (it
     returns roughly the posterior mean), a property of the reference scheme, so the SDE target is this, not S.
     """
     t = torch.tensor([t_last], dtype=torch.float64)
-    m, sd = (1 - t) * MU, torch.sqrt((1 - t) ** 2 * S**2 + t**2)
-    def jump(x):
-        v = gaussian_velocity(x, t)
-        return x - t * (v - t * score_from_velocity(v, x, t))
+    a, b, _, _ = coefficients(t, path)
+    m, sd = a * MU, torch.sqrt(a**2 * S**2 + b**2)
+
+    def jump(x):  # x + (0 - t)(v - 1/2 (2t) score), with the exact score
+        return x - t * (path_velocity(path)(x, t) - t * exact_score(x, t, path))
     slope = jump(torch.ones(1, 4, dtype=torch.float64)) - jump(torch.zeros(1, 4, dtype=torch.float64))
     return jump(m.view(1, 4))[0], (slope.abs() * sd)[0]
 
 
-@pytest.mark.parametrize("sampler", ["ode", "sde"])
-def test_samples_match_data_mean_and_covariance(sampler):
+@pytest.mark.parametrize("path", ["linear", "cosine"])
+def test_score_from_velocity_is_the_exact_score_on_each_path(path):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 4, generator=g, dtype=torch.float64) * 2
+    t = torch.tensor([0.04, 0.3, 0.7, 1.0], dtype=torch.float64).repeat(4)
+    score = score_from_velocity(path_velocity(path)(x, t), x, t, path)
+    assert torch.allclose(score, exact_score(x, t, path), atol=1e-10)
+    if path == "linear":  # the general formula reduces to the linear path's -((1 - t) v + x) / t
+        v = torch.randn(16, 4, generator=g, dtype=torch.float64)
+        assert torch.allclose(score_from_velocity(v, x, t), -((1 - t.view(-1, 1)) * v + x) / t.view(-1, 1))
+    with pytest.raises(ValueError, match="path 'sine' is not one of"):
+        sde_sample(path_velocity(path), x, 4, g, path="sine")
+
+
+@pytest.mark.parametrize("sampler,path", [("ode", "linear"), ("ode", "cosine"), ("sde", "linear"), ("sde", "cosine")])
+def test_samples_match_data_mean_and_covariance(sampler, path):
     n = 10000
     g = torch.Generator().manual_seed(1)
     x1 = torch.randn(n, 4, generator=g, dtype=torch.float64)
+    velocity = path_velocity(path)
     if sampler == "ode":
-        x0 = ode_sample(gaussian_velocity, x1, 50, heun=True)
+        x0 = ode_sample(velocity, x1, 50, heun=True)
         target_mean, target_std = MU, S
     else:
-        x0 = sde_sample(gaussian_velocity, x1, 250, g)
-        target_mean, target_std = _final_step_marginal()
+        x0 = sde_sample(velocity, x1, 250, g, path=path)
+        target_mean, target_std = _final_step_marginal(path=path)
         assert (target_std / S - 1).abs().max() > 0.02  # the jump's shrinkage is visible on the s=0.2 dimension
     mean, std = x0.mean(0), x0.std(0)
     se_mean, se_std = S / math.sqrt(n), S / math.sqrt(2 * n)

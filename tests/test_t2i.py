@@ -166,3 +166,22 @@ def test_synthetic_text_tokens_are_checked_against_the_config_and_the_generated_
     assert T2ITask(load(12)).prepare_data(ctx).manifest["text_embedding"]["shape"] == [12, 32]
     with pytest.raises(ConfigError, match=r"stores 12 caption tokens but data.synthetic_text_tokens=16; delete it"):
         T2ITask(load(16)).prepare_data(ctx)
+
+
+def test_sample_images_follow_the_recorded_transport_path():
+    """t2i.sample's SDE takes its score from the velocity on the path the model was trained on; DDPM is refused."""
+    from t2i.sample import sample_images
+
+    m = model()
+    _, _, ctx = inputs(b=2)
+    null = torch.zeros(5, 16)
+
+    def draw(objective):
+        meta = {"latent": {"shape": [12, 8, 8], "autoencoder": "pixel-s2d2"}, "objective": objective}
+        return sample_images(m, meta, ctx, null, sampler="sde", steps=4, cfg=1.5)
+
+    linear, cosine = draw({"kind": "transport", "path": "linear"}), draw({"kind": "transport", "path": "cosine"})
+    assert linear.shape == (2, 16, 16, 3) and (linear == draw({})).all()  # no record: the linear default
+    assert (linear != cosine).any()
+    with pytest.raises(ValueError, match="trained with objective.kind='ddpm'"):
+        draw({"kind": "ddpm"})
