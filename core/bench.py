@@ -243,8 +243,13 @@ def bench_step(cfg, task, ctx, args) -> dict:
         info = task.prepare_data(ctx)
     else:
         info = task.random_data(args.resolution)
-        if args.features and cfg.repa.coeff > 0:
-            info.manifest["features"] = encoder_names(cfg.repa.encoders)
+        if args.features and cfg.repa.coeff > 0:  # stored features of each spec at the model's token grid
+            from core.encoders import encoder_dim
+            from core.shards import feature_record
+
+            kwargs = task.model_kwargs(info, [])
+            tokens = (kwargs["input_size"] // kwargs["patch_size"]) ** 2
+            info.manifest["features"] = [feature_record(s, tokens, encoder_dim(s)) for s in cfg.repa.encoders]
     setup = build_setup(cfg, task, ctx, info)
     if args.data == "loader":
         batches = training_batches(cfg, task, info, ctx, setup.micro, 0)

@@ -2,7 +2,8 @@
 
 Position p of the global stream is sample perm_e[p mod n] with e = p // n and perm_e a seeded permutation, so
 global step s reads positions [s * global_batch, (s + 1) * global_batch), rank r its contiguous share. Resuming at
-step s needs nothing but s. Corrupt samples are replaced by the next readable index and counted.
+step s needs nothing but s. Corrupt samples are replaced by the next readable index and counted; errors of the
+environment (an OSError with an errno: open-file limit, missing shard, disk) stop the run instead.
 """
 import logging
 from typing import Callable
@@ -13,7 +14,14 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 log = logging.getLogger(__name__)
 
 # Errors that mean "this sample is unreadable" (truncated PNG, bad .npy, missing member), not a bug in our code.
+# PIL reports undecodable images as OSError; an OSError carrying an errno, though, comes from a system call
+# (too many open files, a vanished shard, a failing disk): the environment's problem, raised, never skipped.
 SAMPLE_ERRORS = (ValueError, KeyError, OSError, EOFError, IndexError)
+
+
+def is_sample_error(err: BaseException) -> bool:
+    """Whether `err` means that one sample is corrupt (skip it), not that reading cannot work (stop the run)."""
+    return isinstance(err, SAMPLE_ERRORS) and not (isinstance(err, OSError) and err.errno is not None)
 
 
 class StepSampler(Sampler[tuple[int, int]]):
@@ -49,8 +57,9 @@ class StepSampler(Sampler[tuple[int, int]]):
 
 class SkippingDataset(Dataset):
     """Wraps a random-access `source` and a `decode(raw, position) -> dict` function; items are (index, position)
-    pairs from StepSampler. An unreadable sample is replaced by the next index (deterministically) and the sample
-    carries `skipped` = how many were passed over."""
+    pairs from StepSampler. An unreadable sample (is_sample_error) is replaced by the next index (deterministically)
+    and the sample carries `skipped` = how many were passed over; any other error, e.g. too many open files,
+    propagates."""
 
     def __init__(self, source, decode: Callable[[dict, int], dict], max_consecutive: int = 64):
         self.source, self.decode, self.max_consecutive = source, decode, max_consecutive
@@ -66,6 +75,8 @@ class SkippingDataset(Dataset):
             try:
                 sample = self.decode(self.source[j], position)
             except SAMPLE_ERRORS as err:
+                if not is_sample_error(err):
+                    raise
                 log.warning("skipping corrupt sample %d: %s: %s", j, type(err).__name__, err)
                 continue
             sample["skipped"] = k

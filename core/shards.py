@@ -6,11 +6,13 @@ is a pure function of (seed, step): exact resume and a global shuffle without a 
 
 Decoding is limited to the extensions of our format (.npy without pickle, .png/.jpg, .cls, .txt, .json).
 """
+import errno
 import io
 import json
 import os
 import tarfile
 import time
+from collections import OrderedDict
 
 import numpy as np
 
@@ -18,6 +20,7 @@ from core.fileio import atomic_write, write_json_atomic  # noqa: F401 (re-export
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+MAX_OPEN_SHARDS = 64  # open shard files a reader keeps per process: far below the usual 1024 soft limit on files
 
 
 class ShardFormatError(ValueError):
@@ -91,6 +94,61 @@ def feature_key(encoder_name: str) -> str:
     return f"feat_{encoder_name}.npy"
 
 
+def feature_record(spec: str, tokens: int, dim: int) -> dict:
+    """The manifest's entry for stored features of encoder `spec` ("NAME[@SOURCE]", as given): member
+    feat_<NAME>.npy holds (tokens, dim) patch tokens."""
+    from core.encoders import parse_encoder_spec
+
+    return {"name": parse_encoder_spec(spec)[0], "spec": spec.strip(), "tokens": int(tokens), "dim": int(dim)}
+
+
+def stored_features(root: str, manifest: dict) -> dict[str, dict]:
+    """{encoder name: {"name", "spec", "tokens", "dim"}} of the features stored in every sample (FORMATS.md).
+
+    A manifest written before specs were recorded lists bare names: the spec is then taken from the data_prep job
+    record (prep/job.json) if there is one, else None (unknown source), and the token count and width from the
+    first sample (None if it has no such member or there is no shard to read)."""
+    entries = manifest.get("features", [])
+    if all(isinstance(e, dict) for e in entries):
+        return {e["name"]: e for e in entries}
+    from core.encoders import parse_encoder_spec
+
+    job_specs = {}
+    try:
+        with open(os.path.join(root, "prep", "job.json")) as f:
+            job_specs = {parse_encoder_spec(s)[0]: s for s in json.load(f).get("features", [])}
+    except (OSError, ValueError):  # no job record (a copied or generated dataset), or an unreadable one
+        pass
+    first = first_sample(root, manifest)
+    out = {}
+    for name in entries:
+        shape = decode_value("npy", first[feature_key(name)]).shape if feature_key(name) in first else (None, None)
+        out[name] = {"name": name, "spec": job_specs.get(name), "tokens": shape[0], "dim": shape[-1]}
+    return out
+
+
+def first_sample(root: str, manifest: dict) -> dict:
+    """{ext: bytes} of the first sample of the first shard ({} if the manifest lists no shard)."""
+    shards = manifest.get("shards") or []
+    members = index_shard(os.path.join(root, shards[0]["name"])) if shards else []
+    if not members:
+        return {}
+    out = {}
+    with open(os.path.join(root, shards[0]["name"]), "rb") as f:
+        for ext, (offset, size) in members[0][1].items():
+            f.seek(offset)
+            out[ext] = f.read(size)
+    return out
+
+
+def has_images(root: str, manifest: dict) -> bool:
+    """Whether the samples carry image.png: the manifest's "images" (data_prep), else the first sample's members;
+    True for a dataset without shards (core.bench's random batches make their own images)."""
+    if "images" in manifest:
+        return bool(manifest["images"])
+    return not manifest.get("shards") or "image.png" in first_sample(root, manifest)
+
+
 def shard_name(index: int) -> str:
     return f"shard-{index:06d}.tar"
 
@@ -157,11 +215,15 @@ class ShardReader:
     """Random access to the samples of a prepared dataset: `reader[i] -> {ext: bytes}` plus "__key__" (raw, for a
     task's own decode function); `reader.decoded(i)` decodes every member.
 
-    Picklable before first use (file handles open lazily in each data-loader worker).
+    At most `max_open` shard files are open at a time per process (least recently used closed first): a dataset
+    has thousands of shards, more than a process may open. Picklable, and safe to fork into data-loader workers:
+    each process opens its own files (file offsets are never shared).
     """
 
-    def __init__(self, root: str):
-        self.root = root
+    def __init__(self, root: str, max_open: int = MAX_OPEN_SHARDS):
+        if max_open < 1:
+            raise ValueError(f"max_open must be >= 1, got {max_open}")
+        self.root, self.max_open = root, max_open
         self.manifest = read_manifest(root)
         self.entries: list[tuple[int, str, dict]] = []  # (shard index, key, {ext: (offset, size)})
         for i, shard in enumerate(self.manifest["shards"]):
@@ -174,31 +236,59 @@ class ShardReader:
                     f"{path}: {len(members)} samples but the manifest says {shard['num_samples']}"
                 )
             self.entries.extend((i, key, exts) for key, exts in members)
-        self._files: dict[int, object] = {}
-        self._pid = None
+        self._files: OrderedDict[int, object] = OrderedDict()  # shard index -> open file, least recent first
+        self._pid = os.getpid()
 
     def __len__(self) -> int:
         return len(self.entries)
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_files"], state["_pid"] = {}, None
+        state["_files"], state["_pid"] = OrderedDict(), None
         return state
 
+    def close(self) -> None:
+        """Close this process's open shard files (they reopen on the next read)."""
+        while self._files:
+            self._files.popitem(last=False)[1].close()
+
     def _file(self, shard: int):
-        if self._pid != os.getpid():  # forked into a worker: never share file offsets across processes
-            self._files, self._pid = {}, os.getpid()
-        if shard not in self._files:
-            self._files[shard] = open(os.path.join(self.root, self.manifest["shards"][shard]["name"]), "rb")
-        return self._files[shard]
+        if self._pid != os.getpid():  # forked into a worker: close the parent's copies, open our own
+            self.close()
+            self._pid = os.getpid()
+        f = self._files.get(shard)
+        if f is not None:
+            self._files.move_to_end(shard)
+            return f
+        while len(self._files) >= self.max_open:
+            self._files.popitem(last=False)[1].close()
+        path = os.path.join(self.root, self.manifest["shards"][shard]["name"])
+        try:
+            f = open(path, "rb")
+        except OSError as err:
+            if err.errno in (errno.EMFILE, errno.ENFILE):
+                import resource
+
+                soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+                raise OSError(err.errno, f"too many open files opening shard {path} (this process may open {soft}; "
+                              f"the shard reader holds at most {self.max_open}, so something else holds the "
+                              "rest): raise the limit (ulimit -n) or open fewer files") from err
+            raise
+        self._files[shard] = f
+        return f
 
     def __getitem__(self, index: int) -> dict:
+        """Raw members of sample `index`; an OSError here is the file system's (a sample is never read short:
+        a member cut off by a truncated shard raises ShardFormatError)."""
         shard, key, exts = self.entries[index]
         f = self._file(shard)
         out = {"__key__": key}
         for ext, (offset, size) in exts.items():
             f.seek(offset)
             out[ext] = f.read(size)
+            if len(out[ext]) != size:
+                raise ShardFormatError(f"sample {key!r}: member {ext} is cut off ({len(out[ext])} of {size} bytes; "
+                                       f"{self.manifest['shards'][shard]['name']} is truncated)")
         return out
 
     def decoded(self, index: int) -> dict:

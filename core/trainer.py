@@ -10,6 +10,7 @@ a batch into the model's condition; everything else lives here once. The loop:
 All randomness of a step comes from a generator seeded by (run.seed, step, rank, micro-batch), and the data order is
 a function of (run.seed, step), so a resumed run replays exactly what an uninterrupted one would have done.
 """
+import logging
 import os
 import signal
 import sys
@@ -27,13 +28,15 @@ from core.config import ConfigError, config_changes, config_hash, save_config
 from core.data import StepSampler, make_loader
 from core.dist import DistContext, any_rank, barrier, mean_over_ranks, setup_distributed, sum_over_ranks
 from core.ema import EMA
-from core.encoders import encoder_dim, encoder_names, load_encoders
+from core.encoders import encoder_dim, encoder_names, load_encoders, parse_encoder_spec
 from core.engine import batch_layout, build_ds_config, create_engine
 from core.latents import sample_latents
 from core.logging import MetricsLogger
 from core.repa import repa_loss
+from core.shards import feature_key, has_images, stored_features
 from core.transport import build_objective
 
+log = logging.getLogger(__name__)
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a checkpoint was written on a signal; rerun (or requeue) to continue
 
 
@@ -76,8 +79,6 @@ class DataInfo:
             raise ConfigError(f"latents of {self.root} are {h}x{w}; the models need square latents")
         return c, h
 
-    def has_features(self, names: list[str]) -> bool:
-        return bool(names) and all(n in self.manifest.get("features", []) for n in names)
 
 
 class Task(Protocol):
@@ -185,18 +186,47 @@ def compile_blocks(model: torch.nn.Module) -> None:
         block.compile(dynamic=False)
 
 
-def data_needs(cfg, info: DataInfo) -> tuple[bool, list[str]]:
-    """(batches carry the clean image, names of the stored encoder features they carry): REPA reads stored
-    features when the dataset has all of them, else runs its encoders on the image."""
-    names = encoder_names(cfg.repa.encoders) if cfg.repa.coeff > 0 else []
-    if info.has_features(names):
-        return False, names
-    return bool(names), []
+def data_needs(cfg, info: DataInfo, grid: int) -> tuple[bool, list[str]]:
+    """(batches carry the clean image, names of the stored encoder features they carry instead), for a model of
+    grid x grid tokens. REPA reads stored features when the dataset has, for every encoder, features of the same
+    spec (NAME@SOURCE) and grid**2 tokens (FORMATS.md); else its encoders run on the stored images. ConfigError
+    when the dataset has neither."""
+    specs = list(cfg.repa.encoders) if cfg.repa.coeff > 0 else []
+    if not specs:
+        return False, []
+    stored = stored_features(info.root, info.manifest)
+    unusable = []  # why the stored features of an encoder cannot serve this run
+    for spec, name in zip(specs, encoder_names(specs)):
+        have = stored.get(name)
+        if have is None:
+            unusable.append(f"no {feature_key(name)}")
+            continue
+        if have["spec"] is None:
+            have = {**have, "spec": name}  # a bare name, from before specs were recorded: assume default weights
+            log.warning("%s lists stored %s features without their source; assuming %r (default weights)",
+                        info.root, name, name)
+        if ((parse_encoder_spec(have["spec"]), have["tokens"], have["dim"])
+                != (parse_encoder_spec(spec), grid * grid, encoder_dim(spec))):
+            unusable.append(f"{feature_key(name)} of {have['spec']!r} with {have['tokens']} tokens, this run needs "
+                            f"{spec!r} with {grid * grid} ({grid}x{grid}, the model's token grid)")
+    if not unusable:
+        return False, encoder_names(specs)
+    if has_images(info.root, info.manifest):
+        if stored:
+            log.warning("not using the stored features of %s (%s): running the REPA encoders on its images",
+                        info.root, "; ".join(unusable))
+        return True, []
+    raise ConfigError(
+        f"REPA (repa.coeff={cfg.repa.coeff}) needs the images or matching stored features, and dataset {info.root} "
+        f"has no images and {'; '.join(unusable)}. Prepare it with --store-images, or with --features "
+        f"{' '.join(specs)} --feature-grid {grid} (data_prep), or train with repa.coeff=0"
+    )
 
 
 def training_batches(cfg, task: Task, info: DataInfo, ctx: DistContext, micro: int, step: int) -> Iterator[dict]:
     """This rank's stream of micro-batches from the prepared dataset `info`, starting at optimiser step `step`."""
-    need_image, feature_names = data_needs(cfg, info)
+    kwargs = task.model_kwargs(info, [])  # only its token grid is read
+    need_image, feature_names = data_needs(cfg, info, kwargs["input_size"] // kwargs["patch_size"])
     dataset = task.dataset(info, need_image=need_image, feature_names=feature_names)
     sampler = StepSampler(len(dataset), cfg.train.global_batch, ctx.world_size, ctx.rank, cfg.run.seed, step)
     return iter(make_loader(dataset, sampler, micro, cfg.train.num_workers, pin_memory=ctx.device.type == "cuda"))
@@ -207,18 +237,18 @@ def build_setup(cfg, task: Task, ctx: DistContext, info: DataInfo) -> TrainingSe
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
         torch.utils.deterministic.fill_uninitialized_memory = False  # NaN-filling every allocation: 40x slower on CPU
-    need_image, feature_names = data_needs(cfg, info)
     enc_dims = [encoder_dim(s) for s in cfg.repa.encoders] if cfg.repa.coeff > 0 else []
     micro, accum = batch_plan(cfg, ctx.world_size)
+    model_kwargs = task.model_kwargs(info, enc_dims)
+    grid = model_kwargs["input_size"] // model_kwargs["patch_size"]
+    need_image, feature_names = data_needs(cfg, info, grid)
 
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
-    model_kwargs = task.model_kwargs(info, enc_dims)
     model = task.build_model(model_kwargs)
     if cfg.train.compile:
         compile_blocks(model)
     encoders = []
     if need_image:  # one encoder patch per model token, whatever the encoder's patch size
-        grid = model_kwargs["input_size"] // model_kwargs["patch_size"]
         encoders = load_encoders(cfg.repa.encoders, info.resolution, device=ctx.device, grid=grid)
     engine = create_engine(model, cfg.train, build_ds_config(cfg.train, ctx.world_size), ctx.device)
     return TrainingSetup(cfg, task, ctx, info, model_kwargs, engine, EMA(engine.module, cfg.train.ema_decay),

@@ -12,7 +12,8 @@ import sys
 import torch
 
 from core.encoders import encoder_names
-from core.latents import DEFAULT_VAE, build_autoencoder
+from core.latents import DEFAULT_VAE, build_autoencoder, latent_layout
+from core.shards import feature_record
 from data_prep.pipeline import Job, Models, PrepError, check_job_record, prepare_rank
 
 log = logging.getLogger("data_prep")
@@ -26,6 +27,9 @@ def common_parser(description: str) -> argparse.ArgumentParser:
                    help="AutoencoderKL hub id or local path, or pixel-s2dF (weight-free, for tests and demos)")
     p.add_argument("--features", nargs="*", default=[], metavar="ENCODER",
                    help="precompute patch tokens of these REPA encoders (core/encoders.py names, NAME[@SOURCE])")
+    p.add_argument("--feature-grid", type=int, default=None, metavar="G",
+                   help="encoder input sized for G x G patch tokens: the token grid of the model to train, latent "
+                        "side / patch size (default: latent side / 2, the /2 models: resolution / 16 with the SD-VAE)")
     p.add_argument("--store-images", action="store_true",
                    help="also store the cropped uint8 image (needed by a REPA encoder that runs at train time)")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
@@ -55,8 +59,14 @@ def check_common(args) -> None:
                         f"got {args.shard_size}")
     from core.encoders import parse_encoder_spec
 
-    for spec in args.features:
-        parse_encoder_spec(spec)  # ValueError listing the valid names
+    names = [parse_encoder_spec(spec)[0] for spec in args.features]  # ValueError listing the valid names
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise PrepError(f"--features names {twice[0]!r} twice: a sample stores one feat_{twice[0]}.npy")
+    if args.feature_grid is None and args.features:
+        args.feature_grid = latent_layout(args.vae, args.resolution)["shape"][1] // 2
+    if args.feature_grid is not None and args.feature_grid < 1:
+        raise PrepError(f"--feature-grid must be positive, got {args.feature_grid}")
     if not args.features and not args.store_images:
         log.warning("neither --store-images nor --features: REPA training on this dataset will have no target "
                     "encoder input (fine for training without REPA)")
@@ -66,13 +76,23 @@ def build_models(args, device, text_encoder: str = None, text_tokens: int = None
     from core.encoders import load_encoder
 
     models = Models(build_autoencoder(args.vae, device))
-    models.encoders = [(name, load_encoder(spec, args.resolution, device))
+    models.encoders = [(name, load_encoder(spec, args.resolution, device, grid=args.feature_grid))
                        for name, spec in zip(encoder_names(args.features), args.features)]
     if text_encoder:
         from t2i.text_encoder import load_text_encoder
 
         models.text = load_text_encoder(text_encoder, device, tokens=text_tokens)
     return models
+
+
+def feature_records(models: Models) -> list[dict]:
+    """The manifest's "features": per encoder its spec as given, token count and width (FORMATS.md)."""
+    return [feature_record(enc.name, enc.num_tokens, enc.embed_dim) for _, enc in models.encoders]
+
+
+def job_features(args) -> dict:
+    """The job record's encoder options: a rerun with other specs or another grid is refused."""
+    return {"features": list(args.features), **({"feature_grid": args.feature_grid} if args.features else {})}
 
 
 def default_workers(world: int) -> int:

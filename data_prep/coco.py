@@ -14,9 +14,9 @@ import os
 
 import numpy as np
 
-from core.encoders import encoder_names
 from core.fileio import atomic_write, write_json_atomic
-from data_prep.cli import build_models, check_common, common_parser, main_guard, run_job, spread
+from data_prep.cli import (build_models, check_common, common_parser, feature_records, job_features,
+                          main_guard, run_job, spread)
 from data_prep.pipeline import Item, Job, PrepError, finish_manifest, log
 
 NULL_EMBEDDING = "empty_caption_emb.npy"  # float16 (L, D): the empty caption's embedding, the CFG null condition
@@ -79,7 +79,7 @@ def make_job(args) -> tuple[Job, dict]:
     items, counts = list_coco(args.images, args.captions)
     items = spread(items, args.limit)
     record = {"kind": "t2i", "source": os.path.abspath(args.images), "captions": os.path.abspath(args.captions),
-              "split": args.split, "vae": args.vae, "features": list(args.features),
+              "split": args.split, "vae": args.vae, **job_features(args),
               "text_encoder": args.text_encoder, "text_tokens": args.text_tokens}
     job = Job(args.out, items, args.resolution, args.shard_size, False, args.store_images, args.batch_size,
               args.workers, record)
@@ -143,7 +143,7 @@ def main(argv=None, single_process: bool = False) -> int:
         if cut:
             log.warning("%d of %d captions are longer than --text-tokens %d (with start/end tokens) and are cut",
                         cut, sum(len(it.captions) for it in job.items), L)
-        finish_manifest(job, "t2i", models.autoencoder, encoder_names(args.features),
+        finish_manifest(job, "t2i", models.autoencoder, feature_records(models),
                         {"split": args.split, "text_encoder": models.text.id, "captions_cut": cut,
                          "text_embedding": {"shape": [L, D], "dtype": "float16"}, "input_counts": counts},
                         before_manifest=lambda totals: before_manifest(models, totals))

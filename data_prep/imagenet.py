@@ -11,8 +11,8 @@ its extension ('.' replaced by '_'). Each image gets the ADM centre crop; --flip
 import core  # noqa: F401  (torchvision import fix first)
 import os
 
-from core.encoders import encoder_names
-from data_prep.cli import build_models, check_common, common_parser, main_guard, run_job, spread
+from data_prep.cli import (build_models, check_common, common_parser, feature_records, job_features,
+                          main_guard, run_job, spread)
 from data_prep.images import IMAGE_EXTENSIONS
 from data_prep.pipeline import Item, Job, PrepError, finish_manifest
 
@@ -54,7 +54,7 @@ def make_job(args) -> tuple[Job, list]:
     classes, items = list_imagenet(args.src)
     items = spread(items, args.limit)
     record = {"kind": "class_cond", "source": os.path.abspath(args.src), "vae": args.vae,
-              "features": list(args.features), "num_classes": len(classes)}
+              **job_features(args), "num_classes": len(classes)}
     job = Job(args.out, items, args.resolution, args.shard_size, args.flip, args.store_images, args.batch_size,
               args.workers, record)
     return job, classes
@@ -69,7 +69,7 @@ def main(argv=None, single_process: bool = False) -> int:
               f"{job.shard_size} samples at {args.resolution} px")
 
     def finish(job, models):
-        finish_manifest(job, "class_cond", models.autoencoder, encoder_names(args.features),
+        finish_manifest(job, "class_cond", models.autoencoder, feature_records(models),
                         {"num_classes": len(classes), "classes": classes})
 
     return run_job(job, lambda device: build_models(args, device), finish, single_process)

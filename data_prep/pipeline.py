@@ -310,16 +310,22 @@ def summarize(records: list[dict]) -> dict:
     return {"skipped": skipped, "converted": converted, "skipped_files": skipped_files, "shapes": shapes}
 
 
-def finish_manifest(job: Job, kind: str, autoencoder, feature_names: list, extra: dict,
+def finish_manifest(job: Job, kind: str, autoencoder, features: list, extra: dict,
                     before_manifest: Optional[Callable[[dict], dict]] = None) -> dict:
     """Write the manifest from the sidecars (main process, after every process finished) and print the final
-    counts against the input's. `before_manifest(totals)` may write dataset files and return manifest keys."""
+    counts against the input's. `features`: core.shards.feature_record of each stored encoder, checked against
+    the shards' member shapes. `before_manifest(totals)` may write dataset files and return manifest keys."""
     records = collect_sidecars(job)
     totals = summarize(records)
     shapes = totals["shapes"]
     if "latent.npy" not in shapes:
         raise PrepError(f"no sample could be prepared from {len(job.items)} inputs: all were skipped "
                         f"({totals['skipped']}); see the log for the file names")
+    for f in features:
+        stored = shapes.get(feature_key(f["name"]))
+        if stored != [f["tokens"], f["dim"]]:
+            raise PrepError(f"the shards hold {feature_key(f['name'])} of shape {stored}, but {f['spec']!r} gives "
+                            f"{[f['tokens'], f['dim']]}: the shards come from another preparation")
     if before_manifest is not None:
         extra = {**extra, **before_manifest(totals)}
     c2, h, w = shapes["latent.npy"]
@@ -329,7 +335,7 @@ def finish_manifest(job: Job, kind: str, autoencoder, feature_names: list, extra
         "shards": [{"name": r["shard"], "num_samples": r["num_samples"]} for r in records],
         "latent": {"autoencoder": autoencoder.id, "scale_factor": autoencoder.scale_factor, "shift": 0.0,
                    "shape": [c2 // 2, h, w], "moments": "mean||std float16"},
-        "features": list(feature_names),
+        "features": list(features),
         "inputs": len(job.items), "prepared": len(job.items) - sum(totals["skipped"].values()),
         "skipped": totals["skipped"], "converted": totals["converted"], "skipped_files": totals["skipped_files"],
     }

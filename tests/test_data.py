@@ -1,13 +1,17 @@
 """Shard format, resumable sampling, corrupt-sample handling, latents and EMA."""
+import errno
 import os
+import subprocess
+import sys
 import tarfile
+import textwrap
 
 import numpy as np
 import pytest
 import torch
 
 from class_cond.data import decode_class_cond, make_synthetic_class_cond
-from conftest import run_train
+from conftest import REPO, cpu_env, run_train
 from core.data import SkippingDataset, StepSampler
 from core.ema import EMA
 from core.latents import PixelAutoencoder, SDVAE, sample_latents
@@ -185,3 +189,115 @@ def test_ema_update_math():
     assert torch.allclose(sd["weight"], torch.full((1, 2), 1.1)) and sd["weight"].dtype == torch.float32
     with pytest.raises(ValueError, match="checkpoint shape"):
         ema.load_state_dict({"weight": torch.zeros(3), "bias": torch.zeros(1)})
+
+
+# --------------------------------------------------------------------------------------- open files, I/O errors
+
+
+def _many_shards(root, n: int) -> None:
+    """`n` shards of one class-conditional sample each (no image)."""
+    os.makedirs(root, exist_ok=True)
+    for s in range(n):
+        write_shard(os.path.join(root, shard_name(s)),
+                    [{"__key__": f"{s:05d}", "latent.npy": np.full((8, 2, 2), s, np.float16), "cls": s % 3}])
+    write_manifest(str(root), {"kind": "class_cond", "num_classes": 3, "resolution": 4,
+                               "shards": [{"name": shard_name(s), "num_samples": 1} for s in range(n)],
+                               "latent": {"autoencoder": "pixel-s2d2", "scale_factor": 1.0, "shape": [4, 2, 2]}})
+
+
+def _run_limited(script: str, nofile: int) -> subprocess.CompletedProcess:
+    """Run python `script` with the soft limit on open files lowered to `nofile`."""
+    prelude = ("import resource, sys\n"
+               "hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]\n"
+               f"resource.setrlimit(resource.RLIMIT_NOFILE, ({nofile}, hard))\n"
+               f"sys.path.insert(0, {REPO!r})\n")
+    return subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(script)], cwd=REPO, env=cpu_env(),
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_reader_keeps_few_files_open_under_a_low_open_file_limit(tmp_path):
+    """300 shards under a 160-file limit: every sample is read, none substituted, in the main process and in
+    forked loader workers (which must not share the parent's file offsets); at most 64 shards open at a time."""
+    _many_shards(tmp_path / "d", 300)
+    proc = _run_limited(f"""
+        import os, torch
+        from core.data import SkippingDataset, StepSampler, make_loader
+        from core.shards import ShardReader
+        from class_cond.data import decode_class_cond
+        reader = ShardReader({str(tmp_path / 'd')!r})
+        ds = SkippingDataset(reader, lambda raw, _: decode_class_cond(raw, False, ()))
+        perm = torch.randperm(300, generator=torch.Generator().manual_seed(0)).tolist()
+        values = [int(ds[i, 0]["moments"][0, 0, 0]) for i in perm + perm]
+        print("main", values == perm + perm, len(reader._files))
+        sampler = StepSampler(300, 30, 1, 0, seed=0)
+        it = iter(make_loader(ds, sampler, 30, num_workers=2))
+        batches = [next(it) for _ in range(20)]  # two epochs
+        got = sorted(int(v) for b in batches for v in b["moments"][:, 0, 0, 0])
+        print("workers", got == sorted(2 * list(range(300))), sum(b["skipped"] for b in batches))
+    """, nofile=160)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["main", "True", "64", "workers", "True", "0"], proc.stdout
+    assert "skipping corrupt sample" not in proc.stderr
+
+
+def test_too_many_open_files_is_an_error_not_a_corrupt_sample(tmp_path):
+    """A process out of file descriptors (EMFILE) stops with that error; it is not 64 'corrupt' samples."""
+    _many_shards(tmp_path / "d", 4)
+    proc = _run_limited(f"""
+        import errno, os
+        from core.data import SkippingDataset
+        from core.shards import ShardReader
+        from class_cond.data import decode_class_cond
+        ds = SkippingDataset(ShardReader({str(tmp_path / 'd')!r}), lambda raw, _: decode_class_cond(raw, False, ()))
+        held = []
+        try:
+            while True:
+                held.append(os.open(os.devnull, os.O_RDONLY))  # something else takes every descriptor
+        except OSError:
+            pass
+        try:
+            ds[0, 0]
+        except OSError as err:
+            print("raised", errno.errorcode[err.errno], err.strerror)
+    """, nofile=64)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("raised EMFILE too many open files opening shard "), proc.stdout
+    assert "(this process may open 64; the shard reader holds at most 64" in proc.stdout
+    assert "skipping corrupt sample" not in proc.stderr
+
+
+def test_reader_closes_least_recently_used_shards_and_pickles(tmp_path):
+    _many_shards(tmp_path / "d", 10)
+    reader = ShardReader(str(tmp_path / "d"), max_open=3)
+    for i in (0, 1, 2, 0, 3, 4):
+        assert reader.decoded(i)["cls"] == i % 3
+    assert list(reader._files) == [0, 3, 4]  # 1 and 2 were the least recently used
+    closed = reader._file(0)
+    reader.close()
+    assert closed.closed and not reader._files
+    import pickle
+
+    copy = pickle.loads(pickle.dumps(reader))  # as a spawned loader worker gets it
+    assert copy.decoded(7)["latent.npy"][0, 0, 0] == 7 and list(copy._files) == [7] and not reader._files
+
+
+def test_errors_of_the_environment_are_raised_and_a_cut_off_member_is_skipped(tmp_path):
+    make_synthetic_class_cond(str(tmp_path), 8, 2, 16, shard_size=4)
+    from core.data import is_sample_error
+
+    reader, fresh = ShardReader(str(tmp_path)), ShardReader(str(tmp_path))
+    decode = lambda raw, _: decode_class_cond(raw, True, ())  # noqa: E731
+    assert is_sample_error(OSError("image file is truncated")) and is_sample_error(ValueError("bad .npy"))
+    assert not is_sample_error(OSError(errno.EIO, "Input/output error"))
+    # the last sample of shard 1 loses the end of its members: read short, skipped as corrupt
+    offset, size = reader.entries[7][2]["image.png"]
+    with open(tmp_path / shard_name(1), "r+b") as f:
+        f.truncate(offset + size // 2)
+    with pytest.raises(ShardFormatError, match=r"member image.png is cut off \(\d+ of \d+ bytes; "
+                                               "shard-000001.tar is truncated"):
+        reader[7]
+    assert SkippingDataset(reader, decode)[7, 0]["skipped"] == 1  # sample 0 served instead
+    # a shard that disappeared since indexing is the environment's problem (ENOENT), not 64 corrupt samples
+    os.remove(tmp_path / shard_name(0))
+    with pytest.raises(FileNotFoundError, match="shard-000000.tar"):
+        SkippingDataset(fresh, decode)[0, 0]

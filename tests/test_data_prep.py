@@ -106,7 +106,9 @@ def test_imagenet_shards_counts_shapes_and_determinism(tree, tmp_path, capsys):
     assert m["num_samples"] == 2 * prepared and m["skipped"] == {"unreadable": 2}
     assert m["converted"] == expect["converted"] and len(m["skipped_files"]) == 2
     assert f"{expect['inputs']} inputs -> {prepared} prepared images -> {2 * prepared} samples" in printed
-    assert m["features"] == ["dinov2-tiny"] and m["latent"]["shape"] == [48, 8, 8] and m["resolution"] == 32
+    assert m["latent"]["shape"] == [48, 8, 8] and m["resolution"] == 32
+    # the spec as given and the token grid: latent side 8 / patch 2 -> 4x4 tokens, the tiny /2 model's
+    assert m["features"] == [{"name": "dinov2-tiny", "spec": "dinov2-tiny", "tokens": 16, "dim": 32}]
     assert len(m["shards"]) == 7 and all(s["num_samples"] <= 8 for s in m["shards"])
     assert [s["num_samples"] for s in m["shards"]][1:] == [8, 6, 8, 8, 8, 2]  # inputs 4..: class 0's last 2 are bad
 
