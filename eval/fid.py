@@ -358,6 +358,12 @@ def load_reference(ref: str, extractor: FeatureExtractor, batch_size: int, need_
             raise ValueError(f"reference {ref!r} has no extractor metadata (an ADM batch: Inception features); "
                              f"it cannot be compared with {extractor.name} features. Use a proxy reference folder "
                              "or .npz written by save_stats with the proxy extractor")
+        if recorded is None and extractor.name != "inception-legacy_tensorflow":
+            # an ADM batch's statistics come from TensorFlow's Inception, which resizes inside the network: only
+            # legacy_tensorflow mode computes the samples' features the same way
+            raise ValueError(f"reference {ref!r} has no extractor metadata (an ADM reference batch: TensorFlow "
+                             f"Inception statistics); compare it in --mode legacy_tensorflow, not with "
+                             f"{extractor.name} features, or use a reference written by save_stats in that mode")
         if recorded is not None and recorded != extractor.name:
             raise ValueError(f"reference {ref!r} holds {recorded} statistics; these samples use {extractor.name}")
         out = {"mu": stats["mu"].astype(np.float64), "sigma": stats["sigma"].astype(np.float64),

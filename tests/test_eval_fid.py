@@ -139,3 +139,17 @@ def test_local_inception_weights_path_and_reference_mode_checks(tmp_path):
         build_extractor("inception", weights=str(tmp_path / "other.pt"))
     with pytest.raises(ValueError, match="legacy_tensorflow, clean"):
         build_extractor("inception", mode="tf", weights=str(path))
+
+
+def test_an_adm_reference_batch_is_compared_in_legacy_tensorflow_mode_only(tmp_path):
+    """ADM batches carry TensorFlow-Inception statistics (resizing inside the network): clean mode's PIL-resized
+    features would give a systematically different FID, so it is refused rather than reported."""
+    from types import SimpleNamespace
+
+    from eval.fid import load_reference
+
+    np.savez(tmp_path / "adm.npz", mu=np.zeros(2048), sigma=np.eye(2048))
+    legacy = SimpleNamespace(name="inception-legacy_tensorflow", is_proxy=False)
+    assert load_reference(str(tmp_path / "adm.npz"), legacy, 10, need_feats=False)["mu"].shape == (2048,)
+    with pytest.raises(ValueError, match="an ADM reference batch.*--mode legacy_tensorflow, not with inception-clean"):
+        load_reference(str(tmp_path / "adm.npz"), SimpleNamespace(name="inception-clean", is_proxy=False), 10, False)
