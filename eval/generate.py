@@ -42,7 +42,7 @@ SETTINGS_FILE = "generation.json"
 NPZ_FILE = "samples.npz"
 # Keys of generation.json that decide the images: a rerun with different values is refused, not mixed in.
 SAMPLING_KEYS = ("source", "step", "sampler", "steps", "heun", "cfg", "guidance_interval", "t_last", "seed",
-                 "seeding", "num_samples", "autoencoder", "cond_file", "precision")
+                 "seeding", "num_samples", "autoencoder", "cond_file", "precision", "conditions")
 
 
 # Samplers of each objective kind (core.transport.build_objective); the first is the default.
@@ -116,6 +116,7 @@ class Generator:
             "guidance_interval": list(guidance_interval),
             "t_last": t_last, "seed": seed, "seeding": "per-sample (seed, index)",
             "autoencoder": vae or latent["autoencoder"], "cond_file": cond_file, "precision": precision,
+            "conditions": getattr(self.conditioner, "protocol", None),  # how sample i's condition is chosen
             "nfe": 2 * steps - 1 if heun else steps,
         }
 

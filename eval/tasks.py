@@ -19,7 +19,9 @@ from eval.guidance import null_class_labels
 
 
 class Conditioner(Protocol):
-    """Conditions of sample indices. `num_available`: how many distinct samples exist (e.g. captions), or None."""
+    """Conditions of sample indices. `num_available`: how many distinct samples exist, or None (any number).
+    An optional `protocol` string names how sample i's condition is chosen: it is one of generation.json's
+    sampling keys, so samples of another protocol are never mixed into one folder (None when absent)."""
 
     num_available: Optional[int]
 

@@ -3,10 +3,12 @@
     accelerate launch -m eval.generate --run runs/coco --cond-file /data/coco256/val --sampler sde --steps 250 \
         --cfg 2.0 --num-samples 30000 --out samples/coco_sde
 
-Captions follow the U-ViT protocol the paper uses (App. K): sample i takes the i-th (image, caption) pair of a
-seeded random permutation of all val pairs (30K of the 202K COCO val captions). Their CLIP token embeddings are
-the ones data_prep.coco stored in the val shards, so no text encoder runs at generation time; the null condition
-is the empty caption's embedding stored beside them.
+Captions follow the U-ViT protocol the paper uses (App. K; U-ViT's eval_t2i_discrete.py draws its contexts from
+the val set in a shuffled loader, one random caption per image): sample i is the i-th image of a seeded random
+order of the val images, with one of its captions drawn at random, so 30K samples see 30K distinct images of the
+40,504 of val2014. Past the last image a new epoch starts (a new order, new captions), as U-ViT's loader cycles.
+Their CLIP token embeddings are the ones data_prep.coco stored in the val shards, so no text encoder runs at
+generation time; the null condition is the empty caption's embedding stored beside them.
 """
 import json
 import os
@@ -42,11 +44,11 @@ class CaptionConditioner:
             entries = json.load(f)
         self.reader = ShardReader(root)
         by_id = {int(key): i for i, (_, key, _) in enumerate(self.reader.entries) if not key.endswith("_flip")}
-        self.pairs = [(by_id[e["image_id"]], k, e["captions"][k]) for e in entries if e["image_id"] in by_id
-                      for k in range(len(e["captions"]))]
-        if not self.pairs:
+        self.images = [(by_id[e["image_id"]], e["captions"]) for e in entries if e["image_id"] in by_id
+                       and e["captions"]]
+        if not self.images:
             raise ValueError(f"--cond-file {root!r}: no captioned images in its shards")
-        self.order = np.random.default_rng(CAPTION_SEED).permutation(len(self.pairs))
+        self._epochs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         # The first L tokens of a causal text encoder do not depend on the rest, so a val split stored with more
         # tokens than the run was trained on serves it exactly, cut to L.
         stored = self.manifest.get("text_embedding", {}).get("shape", [None])[0]
@@ -54,10 +56,25 @@ class CaptionConditioner:
         if stored is not None and self.tokens is not None and stored < self.tokens:
             raise ValueError(f"the run was trained on {self.tokens} caption tokens but {root!r} stores {stored}")
         self.null_context = load_null_context(root, self.manifest)[: self.tokens]
-        self.num_available = len(self.pairs)
+        self.num_available = None  # any number: epochs cycle, as U-ViT's loader
+
+    protocol = "u-vit: seeded image order, one seeded caption per image, epochs cycle (seed 0)"
+
+    def _epoch(self, e: int) -> tuple[np.ndarray, np.ndarray]:
+        """(image order, caption index of each image in that order) of epoch e, a function of (CAPTION_SEED, e)."""
+        if e not in self._epochs:
+            rng = np.random.default_rng([CAPTION_SEED, e])
+            order = rng.permutation(len(self.images))
+            counts = np.array([len(self.images[j][1]) for j in order])
+            self._epochs[e] = order, rng.integers(0, counts)
+        return self._epochs[e]
 
     def pair(self, i: int) -> tuple[int, int, str]:
-        return self.pairs[self.order[i % len(self.pairs)]]
+        """(sample index in the shards, caption index, caption) of generated sample i."""
+        order, ks = self._epoch(i // len(self.images))
+        pos = i % len(self.images)
+        sample, captions = self.images[order[pos]]
+        return sample, int(ks[pos]), captions[ks[pos]]
 
     def captions(self, indices: Sequence[int]) -> list[str]:
         return [self.pair(i)[2] for i in indices]

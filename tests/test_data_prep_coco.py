@@ -160,6 +160,29 @@ def test_text_tokens_keep_the_first_tokens_and_eval_cuts_a_longer_val_split(val,
         CaptionConditioner(trained_on(77), {"cond_file": short})
 
 
+def test_eval_captions_follow_the_uvit_protocol(val, tmp_path):
+    """Sample i: the i-th image of a seeded order of the val images with one seeded caption of its own, every image
+    once per epoch (U-ViT's shuffled val loader), then a new epoch; the same for every evaluation."""
+    from t2i.evaluation import CaptionConditioner
+
+    images, captions = val
+    out = str(tmp_path / "v")
+    assert coco.main(["--images", images, "--captions", captions, "--out", out, *BASE, "--fid-features", "none"]) == 0
+    meta = {"data": {"text_encoder": "clip-tiny"}}
+    cond = CaptionConditioner(meta, {"cond_file": out})
+    n = len(cond.images)
+    assert n == read_manifest(out)["num_samples"] == 7 and cond.num_available is None
+    pairs = [cond.pair(i) for i in range(3 * n)]
+    for epoch in range(3):
+        assert sorted(p[0] for p in pairs[epoch * n:(epoch + 1) * n]) == list(range(n))  # each image once
+    reader = ShardReader(out)
+    for sample, k, text in pairs:
+        assert reader.decoded(sample)["captions.json"][k] == text  # a caption of that very image
+    assert [p[0] for p in pairs[:n]] != [p[0] for p in pairs[n:2 * n]]  # a new order per epoch
+    assert len({p[1] for p in pairs}) > 1  # not always the first caption
+    assert CaptionConditioner(meta, {"cond_file": out}).captions(range(3 * n)) == [p[2] for p in pairs]
+
+
 def test_inception_flag_path_fails_fast_without_weights(val, tmp_path, capsys):
     images, captions = val
     code = main_guard(coco.main, ["--images", images, "--captions", captions, "--out", str(tmp_path / "o"), *BASE,
