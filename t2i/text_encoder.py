@@ -45,11 +45,18 @@ class TextEncoder(nn.Module):
         self.id, self.dim = spec, int(dim)
         self.context_length = self.max_length = int(context_length)
 
+    causal = True  # the transformer's causal mask keeps later (padding) tokens out of earlier ones
+
     def keep_tokens(self, tokens: int | None) -> "TextEncoder":
-        """Keep the first `tokens` output tokens (None: all); ValueError outside 1..context_length."""
+        """Keep the first `tokens` output tokens (None: all); ValueError outside 1..context_length, or below it for
+        a bidirectional tower (its first tokens depend on the rest, so the cut would not be the full pass's)."""
         tokens = self.context_length if tokens is None else int(tokens)
         if not 1 <= tokens <= self.context_length:
             raise ValueError(f"text encoder {self.id!r}: text tokens must be in 1..{self.context_length}, got {tokens}")
+        if tokens < self.context_length and not self.causal:
+            raise ValueError(f"text encoder {self.id!r} attends in both directions (no causal mask): its first "
+                             f"{tokens} tokens are not those of the full {self.context_length}-token pass; keep all "
+                             f"{self.context_length}")
         self.max_length = tokens
         return self
 
@@ -107,6 +114,11 @@ class OpenClipTextEncoder(TextEncoder):
         self.tower, self.tokenizer = tower, tokenizer
         self.requires_grad_(False)
         self.train(False)
+
+    @property
+    def causal(self) -> bool:
+        tower = self.tower.text if hasattr(self.tower, "text") else self.tower
+        return getattr(tower, "attn_mask", None) is not None  # SigLIP-style towers (no_causal_mask) have none
 
     def token_counts(self, texts: Sequence[str]) -> list[int]:
         return (self.tokenizer(list(texts)) != 0).sum(dim=1).tolist()  # open_clip pads with token 0

@@ -94,3 +94,26 @@ def test_token_counts_include_start_and_end_tokens():
     texts = ["a red circle", "a picture of a green square over a blue triangle"]
     for spec in ("clip-tiny", "openclip-tiny"):
         assert load_text_encoder(spec).token_counts(texts) == [5, 12], spec
+
+
+def test_a_bidirectional_tower_keeps_all_its_tokens():
+    """Without a causal mask (SigLIP-style towers) the first L tokens depend on the padding after them, so
+    keeping fewer than the context length would not be the full pass's tokens: refused."""
+    from open_clip.model import CLIPTextCfg, _build_text_tower
+    from open_clip.tokenizer import SimpleTokenizer
+
+    from t2i.text_encoder import OpenClipTextEncoder
+
+    cfg = CLIPTextCfg(width=32, heads=2, layers=2, mlp_ratio=2.0, no_causal_mask=True)
+    enc = OpenClipTextEncoder("openclip-bidirectional", _build_text_tower(embed_dim=32, text_cfg=cfg),
+                              SimpleTokenizer(context_length=77))
+    assert not enc.causal and load_text_encoder("openclip-tiny").causal and load_text_encoder("clip-tiny").causal
+    full = enc.encode(["a red circle"])
+    assert enc.keep_tokens(77).max_length == 77
+    with pytest.raises(ValueError, match="attends in both directions .* keep all 77"):
+        enc.keep_tokens(12)
+    # why: the bidirectional tower's first tokens change with what follows them
+    ids = enc.tokenizer(["a red circle"])
+    with torch.no_grad():
+        alone = enc.tower.transformer(enc.tower.token_embedding(ids[:, :12]) + enc.tower.positional_embedding[:12])
+    assert not torch.allclose(enc.tower.ln_final(alone), full[:, :12], atol=1e-4)
