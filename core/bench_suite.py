@@ -1,7 +1,7 @@
 """Lever ablation: core.bench once per lever of a suite, each run in its own process, then one table.
 
     python -m core.bench_suite configs/bench/sit_xl2_in256.yaml          # one H100: the levers of the target
-    python -m core.bench_suite configs/bench/class_cond_tiny.yaml        # anywhere, about two minutes
+    python -m core.bench_suite configs/bench/class_cond_tiny.yaml        # anywhere, about five minutes
     python -m core.bench_suite --table outputs/bench.jsonl               # the table of lines written before
 
 A suite (YAML, configs/bench/) names a training config, the core.bench arguments every run shares, and one entry
@@ -68,6 +68,8 @@ def load_suite(path: str) -> dict:
         bad = sorted(set(run) - RUN_KEYS)
         if bad:
             raise SuiteError(f"{where}: unknown key {bad[0]!r}; valid keys: {', '.join(sorted(RUN_KEYS))}")
+        if not all(c.isalnum() or c in "-_.+" for c in run["label"]):  # it names the run's log file
+            raise SuiteError(f"{where}: label {run['label']!r} may hold letters, digits and - _ . + only")
         if run["label"] in labels:
             raise SuiteError(f"{where}: label {run['label']!r} is used twice")
         labels.add(run["label"])
@@ -93,25 +95,30 @@ def failure_reason(log: str) -> str:
     return lines[-1][:300] if lines else "(no output)"
 
 
+def _terminate(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def _run(cmd: list[str], log_path: str, timeout: float) -> tuple[int | None, str]:
-    """(exit code or None on timeout, the output) of `cmd`, its output also written to `log_path`."""
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            rc = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # the whole group: a launcher's ranks too
-            proc.wait()
-            rc = None
+    """(exit code or None on timeout, the output) of `cmd`, its output also written to `log_path`. The run is
+    its own process group, killed whole (a launcher's ranks too) on timeout, Ctrl-C or SIGTERM: an orphaned run
+    would keep the GPU's memory and spoil the runs after it."""
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                rc = proc.wait(timeout=timeout)
+            except BaseException as err:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                if not isinstance(err, subprocess.TimeoutExpired):
+                    raise
+                rc = None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     with open(log_path, errors="replace") as f:
         return rc, f.read()
-
-
-def _count_lines(path: str) -> int:
-    if not os.path.exists(path):
-        return 0
-    with open(path) as f:
-        return sum(1 for _ in f)
 
 
 def run_suite(suite_path: str, out: str, logs: str, timeout: float, deadline: float | None,
@@ -137,7 +144,7 @@ def run_suite(suite_path: str, out: str, logs: str, timeout: float, deadline: fl
             record = {"label": run["label"], "command": shown, "failed": "not run: --deadline reached"}
         else:
             print(f"[{i + 1}/{len(runs)}] {run['label']}: {shown}", flush=True)
-            before = _count_lines(out)
+            before = len(_read_lines(out)) if os.path.exists(out) else 0
             log_path = os.path.join(logs, f"{run['label']}.log")
             t0 = time.monotonic()
             rc, text = _run(cmd, log_path, timeout if left is None else min(timeout, left))

@@ -43,6 +43,7 @@ def test_shipped_suites_load_and_name_existing_configs(name):
     ("config: c.yaml\nruns: [{label: a}, {label: a}]", "runs[1]: label 'a' is used twice"),
     ("config: c.yaml\nruns: [{label: a, overrides: train.compile=true}]", "runs[0].overrides must be a list"),
     ("config: c.yaml\nruns: [{label: a, flags: [x]}]", "runs[0]: unknown key 'flags'"),
+    ("config: c.yaml\nruns: [{label: zero1/fp32}]", "label 'zero1/fp32' may hold letters, digits and - _ . + only"),
 ])
 def test_bad_suites_are_refused_by_name(tmp_path, text, message):
     with pytest.raises(bench_suite.SuiteError, match=None) as err:
@@ -90,6 +91,44 @@ def test_a_run_past_its_timeout_is_killed(tmp_path):
     rc, _ = bench_suite._run([sys.executable, "-c", "import time; print('x', flush=True); time.sleep(60)"],
                              str(tmp_path / "log"), timeout=2)
     assert rc is None and (tmp_path / "log").read_text() == "x\n"
+
+
+def test_a_stopped_suite_kills_its_running_benchmark(tmp_path):
+    """SIGTERM (or Ctrl-C) to the suite must not leave the run it started behind (it would keep the GPU)."""
+    import signal
+    import time
+
+    log = tmp_path / "log"
+    script = ("import sys; from core.bench_suite import _run; "
+              f"_run([sys.executable, '-c', 'import os, time; print(os.getpid(), flush=True); time.sleep(60)'], "
+              f"{str(log)!r}, 120)")
+    suite = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=cpu_env())
+    for _ in range(100):
+        if log.exists() and log.read_text().strip():
+            break
+        time.sleep(0.1)
+    child = int(log.read_text())
+    suite.send_signal(signal.SIGTERM)
+    assert suite.wait(timeout=30) != 0
+    time.sleep(0.2)
+    with pytest.raises(ProcessLookupError):
+        os.kill(child, 0)
+
+
+def test_a_blank_line_in_the_output_file_does_not_hide_a_result(tmp_path, monkeypatch):
+    out = tmp_path / "b.jsonl"
+    out.write_text(json.dumps({"label": "old", "failed": "x"}) + "\n\n")
+    suite = write_suite(tmp_path, "config: configs/debug/class_cond_tiny.yaml\nruns: [{label: a}]\n")
+
+    def fake_run(cmd, log_path, timeout):  # the bench appends its line and exits 0
+        with open(out, "a") as f:
+            f.write(json.dumps(step_record("a", 100.0)) + "\n")
+        return 0, ""
+
+    monkeypatch.setattr(bench_suite, "_run", fake_run)
+    monkeypatch.setattr(bench_suite, "report", lambda r: "")
+    (record,) = bench_suite.run_suite(suite, str(out), str(tmp_path / "logs"), 60, None, None)
+    assert record["label"] == "a" and "failed" not in record
 
 
 def test_failure_reason_prefers_the_error_line():
