@@ -158,6 +158,20 @@ def write_png(path: str, image: torch.Tensor) -> None:
         Image.fromarray(image.permute(1, 2, 0).cpu().numpy()).save(tmp, format="PNG")
 
 
+def sampler_changes_since(old: dict, settings: dict) -> str:
+    """What makes `settings` draw other images than the version that wrote `old` did, "" if nothing. Records
+    without "path" predate two fixes: the SDE's score on the cosine path, and Heun's corrector taking the guidance
+    decision of its step's start (which matters with guidance limited to an interval)."""
+    if "path" in old:
+        return ""
+    if settings.get("sampler") == "sde" and settings.get("path") == "cosine":
+        return "the SDE's score on the cosine path"
+    guided = settings.get("cfg") != 1.0 and list(settings.get("guidance_interval", [0, 1])) != [0.0, 1.0]
+    if settings.get("heun") and guided:
+        return "Heun's corrector and the guidance interval"
+    return ""
+
+
 def check_settings(out_dir: str, settings: dict) -> None:
     """Write OUT/generation.json, or refuse a rerun whose image-deciding settings differ from the recorded ones."""
     path = os.path.join(out_dir, SETTINGS_FILE)
@@ -169,6 +183,10 @@ def check_settings(out_dir: str, settings: dict) -> None:
             raise ValueError(f"{out_dir!r} holds samples made with other settings ({', '.join(diff)}: "
                              f"{[old.get(k) for k in diff]} there, {[settings.get(k) for k in diff]} now); "
                              "use another --out")
+        changed = sampler_changes_since(old, settings)
+        if changed:
+            raise ValueError(f"{out_dir!r} holds samples of an earlier version whose sampler differs for these "
+                             f"settings ({changed}); use another --out")
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
     write_json_atomic(path, settings)
 

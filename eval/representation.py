@@ -68,7 +68,9 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tens
     mean, std = train_x.mean(0), train_x.std(0) + 1e-6
     norm = lambda x: (x.float() - mean) / std  # noqa: E731
     num_classes = int(max(train_y.max(), val_y.max())) + 1
-    head = nn.Linear(train_x.shape[1], num_classes)
+    with torch.random.fork_rng(devices=[]):  # the head's init from `seed` too, the caller's RNG untouched
+        torch.manual_seed(seed)
+        head = nn.Linear(train_x.shape[1], num_classes)
     opt = torch.optim.Adam(head.parameters(), lr=lr)
     steps_per_epoch = math.ceil(len(train_x) / batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * steps_per_epoch)

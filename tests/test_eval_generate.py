@@ -180,3 +180,28 @@ def test_sde_follows_the_recorded_transport_path(export, tmp_path):
     assert np.abs(arrays["lin", "sde"] - arrays["cos", "sde"]).max() > 10
     assert paths == {("lin", "sde"): "linear", ("lin", "ode"): "linear", ("cos", "sde"): "cosine",
                      ("cos", "ode"): "cosine"}
+
+
+def test_folders_of_the_version_before_the_sampler_fixes_are_not_continued(tmp_path):
+    """A record without "path" was written before the cosine-path SDE score and Heun's guidance decision were
+    fixed: continuing it with settings those fixes change would mix two samplers' images; other settings continue."""
+    from eval.generate import check_settings
+
+    base = {"source": "s", "step": 1, "sampler": "sde", "steps": 4, "heun": False, "cfg": 1.5,
+            "guidance_interval": [0.0, 0.7], "t_last": 0.04, "seed": 0, "seeding": "x", "num_samples": 8,
+            "autoencoder": "a", "cond_file": None, "precision": "fp32", "conditions": None}
+    heun = {**base, "sampler": "ode", "heun": True}
+    cases = [(base, "cosine", "the SDE's score on the cosine path"), (heun, "linear", "Heun's corrector"),
+             (base, "linear", None), ({**heun, "guidance_interval": [0.0, 1.0]}, "linear", None),
+             ({**base, "path": "cosine"}, "cosine", None)]  # a current record carries "path"
+    for n, (old, path, message) in enumerate(cases):
+        out = tmp_path / str(n)
+        out.mkdir()
+        (out / "generation.json").write_text(json.dumps(old))
+        new = {**old, "path": path}
+        if message:
+            with pytest.raises(ValueError, match=f"earlier version whose sampler differs .*{re.escape(message)}"):
+                check_settings(str(out), new)
+        else:
+            check_settings(str(out), new)
+            assert json.loads((out / "generation.json").read_text())["path"] == path
