@@ -9,8 +9,10 @@ per lever: a label plus the overrides and flags that make it. The first lever is
 compared with. Each run is `python -m core.bench --config CONFIG ARGS --label LABEL --out OUT OVERRIDES` in a
 fresh process, so a run that fails (CUDA out of memory at a batch that does not fit, a compile error) or passes
 `--timeout` ends alone and is recorded as a failed line with its reason; `--deadline` stops starting runs when the
-time left is short. The table lists, per lever: images/s per device, ms per step, peak memory, MFU (without and
-with the encoder forward) and the change against the baseline, under the device, date, commit and command.
+time left is short. `--repeat N` runs N rounds of all the levers, round-robin, so a drifting machine does not bias
+the levers run last. The table lists, per lever: images/s per device (the median over repeats, with its range),
+ms per step, peak memory, MFU (without and with the encoder forward) and the change against the baseline, under
+the device, date, commit and command.
 """
 import argparse
 import datetime
@@ -18,6 +20,7 @@ import json
 import os
 import shlex
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -122,10 +125,14 @@ def _run(cmd: list[str], log_path: str, timeout: float) -> tuple[int | None, str
 
 
 def run_suite(suite_path: str, out: str, logs: str, timeout: float, deadline: float | None,
-              only: list[str] | None) -> list[dict]:
-    """Run the suite's levers; return this session's JSON records (bench results and failures) in run order."""
+              only: list[str] | None, repeat: int = 1) -> list[dict]:
+    """Run the suite's levers, `repeat` rounds of all of them (round-robin, so a drift of the machine spreads over
+    every lever instead of biasing the last ones); return this session's JSON records (bench results and failures)
+    in run order."""
     suite = load_suite(suite_path)
     runs = suite["runs"]
+    if repeat < 1:
+        raise SuiteError(f"--repeat must be >= 1, got {repeat}")
     if only:
         missing = [label for label in only if label not in {r["label"] for r in runs}]
         if missing:
@@ -134,8 +141,9 @@ def run_suite(suite_path: str, out: str, logs: str, timeout: float, deadline: fl
         runs = [r for r in runs if r["label"] in only]
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     os.makedirs(logs, exist_ok=True)
+    schedule = [(k, run) for k in range(repeat) for run in runs]
     start, records = time.monotonic(), []
-    for i, run in enumerate(runs):
+    for i, (k, run) in enumerate(schedule):
         cmd = run_command(suite, run, out)
         shown = " ".join(shlex.quote(c) for c in ["python", "-m", *cmd[len(suite["launcher"]):]]) \
             if suite["launcher"] == [sys.executable, "-m"] else " ".join(shlex.quote(c) for c in cmd)
@@ -143,9 +151,9 @@ def run_suite(suite_path: str, out: str, logs: str, timeout: float, deadline: fl
         if left is not None and left < 1:
             record = {"label": run["label"], "command": shown, "failed": "not run: --deadline reached"}
         else:
-            print(f"[{i + 1}/{len(runs)}] {run['label']}: {shown}", flush=True)
+            print(f"[{i + 1}/{len(schedule)}] {run['label']}: {shown}", flush=True)
             before = len(_read_lines(out)) if os.path.exists(out) else 0
-            log_path = os.path.join(logs, f"{run['label']}.log")
+            log_path = os.path.join(logs, f"{run['label']}.log" if repeat == 1 else f"{run['label']}.{k + 1}.log")
             t0 = time.monotonic()
             rc, text = _run(cmd, log_path, timeout if left is None else min(timeout, left))
             written = _read_lines(out)[before:] if rc == 0 else []
@@ -179,10 +187,23 @@ def _pct(x) -> str:
     return f"{100 * x:.1f}%" if x is not None else "n/a"
 
 
+def _median(values: list[float]) -> float:
+    return float(statistics.median(values))
+
+
+def _changes(r: dict) -> str:
+    """The overrides and lever flags of a result record, as the table's "what changes" cell."""
+    cmd = r.get("command", "")
+    flags = [f for f in ("--features", "--data loader") if f in cmd]
+    return " ".join(x for x in [" ".join(r.get("overrides", []))] + flags if x) or "—"
+
+
 def table(records: list[dict]) -> str:
-    """A markdown table of benchmark records, the first successful step record as the baseline."""
-    steps = [r for r in records if r.get("mode") == "step"]
-    base = steps[0]["img_per_s_per_device"] if steps else None
+    """A markdown table of benchmark records: one row per label (its repeats merged: medians, with the range of
+    images/s when there are several), the first label with a successful step as the baseline."""
+    groups: dict[str, list[dict]] = {}
+    for r in records:
+        groups.setdefault(r.get("label") or "(no label)", []).append(r)
     heads = sorted({(r["device"], r.get("torch", ""), r.get("commit", "")) for r in records if "device" in r})
     dates = sorted(r["date"][:10] for r in records if r.get("date"))
     devices = "; ".join(f"{d} (torch {t}, commit {c or '?'})" for d, t, c in heads) or "unknown"
@@ -193,25 +214,37 @@ def table(records: list[dict]) -> str:
         lines.append(f"Config: {', '.join(configs)}")
     lines += ["", "| lever | what changes | img/s per device | ms/step | peak mem GiB | MFU | MFU incl. encoder | "
                   "vs first |", "|---|---|---|---|---|---|---|---|"]
-    for r in records:
-        label = r.get("label") or "(no label)"
-        if "failed" in r:
-            lines.append(f"| {label} | `{r.get('command', '')}` | failed: {r['failed']} | | | | | |")
+    base, first_cmd = None, None
+    for label, group in groups.items():
+        ok = [r for r in group if r.get("mode") == "step"]
+        loader = [r for r in group if r.get("mode") == "loader-only"]
+        failed = [r for r in group if "failed" in r]
+        note = f"; {len(failed)} of {len(group)} runs failed: {failed[-1]['failed']}" if failed and (ok or loader) else ""
+        if not ok and not loader:
+            lines.append(f"| {label} | `{failed[-1].get('command', '')}` | failed: {failed[-1]['failed']} | | | | | |")
             continue
-        what = " ".join(r.get("overrides", []))
-        cmd = r.get("command", "")
-        what = " ".join(x for x in [what] + [f for f in ("--features", "--data loader") if f in cmd] if x) or "—"
-        if r.get("mode") == "loader-only":
-            lines.append(f"| {label} | loader only, {r['num_workers']} workers: `{what}` | "
-                         f"{r['samples_per_s']:.1f} samples/s | {r['ms_per_batch_median']:.1f} per batch | | | | |")
+        if loader:
+            rates = [r["samples_per_s"] for r in loader]
+            spread = f" ({min(rates):.1f}–{max(rates):.1f}, n={len(rates)})" if len(rates) > 1 else ""
+            lines.append(f"| {label} | loader only, {loader[0]['num_workers']} workers: `{_changes(loader[0])}`{note} "
+                         f"| {_median(rates):.1f} samples/s{spread} | "
+                         f"{_median([r['ms_per_batch_median'] for r in loader]):.1f} per batch | | | | |")
             continue
-        img = r["img_per_s_per_device"]
-        vs = "—" if r is steps[0] else f"{100 * (img / base - 1):+.0f}%"
-        lines.append(f"| {label} | `{what}` | {img:.1f} | {r['ms_per_step_median']:.1f} | "
-                     f"{r['peak_memory_gib']:.1f} | {_pct(r.get('mfu'))} | {_pct(r.get('mfu_with_encoder'))} | {vs} |")
-    step_cmds = [r["command"] for r in steps]
-    if step_cmds:
-        lines += ["", f"Each row: `{step_cmds[0]}` with the row's changes (the command of each row is in its JSON line)."]
+        img = [r["img_per_s_per_device"] for r in ok]
+        spread = f" ({min(img):.1f}–{max(img):.1f}, n={len(img)})" if len(img) > 1 else ""
+        mfu = [r["mfu"] for r in ok if r.get("mfu") is not None]
+        mfu_enc = [r["mfu_with_encoder"] for r in ok if r.get("mfu_with_encoder") is not None]
+        if base is None:
+            base, first_cmd, vs = _median(img), ok[0].get("command", ""), "—"
+        else:
+            vs = f"{100 * (_median(img) / base - 1):+.0f}%"
+        lines.append(f"| {label} | `{_changes(ok[0])}`{note} | {_median(img):.1f}{spread} | "
+                     f"{_median([r['ms_per_step_median'] for r in ok]):.1f} | "
+                     f"{max(r['peak_memory_gib'] for r in ok):.1f} | {_pct(_median(mfu) if mfu else None)} | "
+                     f"{_pct(_median(mfu_enc) if mfu_enc else None)} | {vs} |")
+    if first_cmd:
+        lines += ["", f"Each row: `{first_cmd}` with the row's changes (the command of each run is in its JSON "
+                      "line); with repeats, the medians over them."]
     return "\n".join(lines)
 
 
@@ -225,6 +258,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--deadline", type=float, default=None,
                    help="seconds for the whole suite: runs not started by then are recorded as not run")
     p.add_argument("--only", default=None, help="comma-separated labels to run (default: all)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="rounds of all the levers, round-robin; the table shows medians and the range (default 1)")
     p.add_argument("--markdown", default=None, help="also write the table to this file")
     return p
 
@@ -241,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
             records = _read_lines(args.table)
         else:
             records = run_suite(args.suite, args.out, args.logs, args.timeout, args.deadline,
-                                args.only.split(",") if args.only else None)
+                                args.only.split(",") if args.only else None, args.repeat)
     except SuiteError as err:
         print(f"core.bench_suite: {err}", file=sys.stderr)
         return 2

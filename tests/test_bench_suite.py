@@ -162,6 +162,35 @@ def test_table_compares_with_the_first_step_record():
     assert "| loader | loader only, 4 workers: `train.num_workers=4` | 1234.5 samples/s | 207.4 per batch |" in text
 
 
+def test_repeats_run_round_robin_and_the_table_shows_medians_and_range(tmp_path, monkeypatch):
+    suite = write_suite(tmp_path, "config: configs/debug/class_cond_tiny.yaml\nruns: [{label: a}, {label: b}]\n")
+    out, order = tmp_path / "b.jsonl", []
+    rates = {"a": iter([100.0, 120.0, 110.0]), "b": iter([150.0, 0, 160.0])}
+
+    def fake_run(cmd, log_path, timeout):
+        label = cmd[cmd.index("--label") + 1]
+        order.append((label, os.path.basename(log_path)))
+        rate = next(rates[label])
+        if not rate:
+            return 1, "torch.OutOfMemoryError: CUDA out of memory"
+        with open(out, "a") as f:
+            f.write(json.dumps(step_record(label, rate, 0.1 * rate / 100)) + "\n")
+        return 0, ""
+
+    monkeypatch.setattr(bench_suite, "_run", fake_run)
+    monkeypatch.setattr(bench_suite, "report", lambda r: "")
+    records = bench_suite.run_suite(suite, str(out), str(tmp_path / "logs"), 60, None, None, repeat=3)
+    assert order == [("a", "a.1.log"), ("b", "b.1.log"), ("a", "a.2.log"), ("b", "b.2.log"), ("a", "a.3.log"),
+                     ("b", "b.3.log")]
+    assert [r.get("failed") for r in records].count("torch.OutOfMemoryError: CUDA out of memory") == 1
+    text = bench_suite.table(records)
+    assert "| a | `—` | 110.0 (100.0–120.0, n=3) | 2327.3 | 60.0 | 11.0% | 11.7% | — |" in text
+    assert "| b | `—`; 1 of 3 runs failed: torch.OutOfMemoryError: CUDA out of memory | 155.0 (150.0–160.0, n=2) |" in text
+    assert "| +41% |" in text
+    with pytest.raises(bench_suite.SuiteError, match="--repeat must be >= 1, got 0"):
+        bench_suite.run_suite(suite, str(out), str(tmp_path / "logs"), 60, None, None, repeat=0)
+
+
 def test_table_mode_names_a_bad_file(tmp_path):
     bad = tmp_path / "b.jsonl"
     bad.write_text('{"label": "a"}\nnot json\n')
