@@ -1,7 +1,7 @@
 """Lever ablation: core.bench once per lever of a suite, each run in its own process, then one table.
 
     python -m core.bench_suite configs/bench/sit_xl2_in256.yaml          # one H100: the levers of the target
-    python -m core.bench_suite configs/bench/class_cond_tiny.yaml        # anywhere, about five minutes
+    python -m core.bench_suite configs/bench/class_cond_tiny.yaml        # anywhere, about two minutes
     python -m core.bench_suite --table outputs/bench.jsonl               # the table of lines written before
 
 A suite (YAML, configs/bench/) names a training config, the core.bench arguments every run shares, and one entry
