@@ -64,6 +64,9 @@ def parser():
     p.add_argument("--fid-features", choices=("inception", "proxy", "none"), default="inception",
                    help="val: feature extractor of the reference statistics (proxy: an offline stand-in, labelled)")
     p.add_argument("--inception-weights", default=None, help="local Inception weights for eval/fid.py (offline)")
+    p.add_argument("--crop", choices=("uvit", "adm"), default="uvit",
+                   help="uvit: U-ViT's COCO preprocessing, which the paper's T2I setup follows (centred square, "
+                        "LANCZOS); adm: guided-diffusion's crop as for ImageNet (default %(default)s)")
     return p
 
 
@@ -80,9 +83,9 @@ def make_job(args) -> tuple[Job, dict]:
     items = spread(items, args.limit)
     record = {"kind": "t2i", "source": os.path.abspath(args.images), "captions": os.path.abspath(args.captions),
               "split": args.split, "vae": args.vae, **job_features(args),
-              "text_encoder": args.text_encoder, "text_tokens": args.text_tokens}
+              "text_encoder": args.text_encoder, "text_tokens": args.text_tokens, "crop": args.crop}
     job = Job(args.out, items, args.resolution, args.shard_size, False, args.store_images, args.batch_size,
-              args.workers, record)
+              args.workers, record, crop=args.crop)
     return job, counts
 
 

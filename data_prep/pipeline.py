@@ -62,6 +62,7 @@ class Job:
     batch_size: int = 64
     workers: int = 0
     record: dict = field(default_factory=dict)  # options and source that define the output (prep/job.json)
+    crop: str = "adm"  # data_prep.images.CROPS: ADM's for ImageNet, U-ViT's for COCO
 
     @property
     def items_per_shard(self) -> int:
@@ -132,7 +133,7 @@ class _ShardInputs(Dataset):
     def __getitem__(self, n: int):
         s, i = self.order[n]
         item = self.job.items[i]
-        loaded = Loaded(None, item.skip) if item.skip else load_image(item.path, self.job.resolution)
+        loaded = Loaded(None, item.skip) if item.skip else load_image(item.path, self.job.resolution, self.job.crop)
         return s, i, loaded
 
 
@@ -331,7 +332,7 @@ def finish_manifest(job: Job, kind: str, autoencoder, features: list, extra: dic
     c2, h, w = shapes["latent.npy"]
     manifest = {
         "kind": kind, "source": job.record.get("source"), "resolution": job.resolution, **extra,
-        "shard_size": job.shard_size, "flip": job.flip, "images": job.store_images,
+        "shard_size": job.shard_size, "flip": job.flip, "images": job.store_images, "crop": job.crop,
         "shards": [{"name": r["shard"], "num_samples": r["num_samples"]} for r in records],
         "latent": {"autoencoder": autoencoder.id, "scale_factor": autoencoder.scale_factor, "shift": 0.0,
                    "shape": [c2 // 2, h, w], "moments": "mean||std float16"},

@@ -106,7 +106,7 @@ def test_imagenet_shards_counts_shapes_and_determinism(tree, tmp_path, capsys):
     assert m["num_samples"] == 2 * prepared and m["skipped"] == {"unreadable": 2}
     assert m["converted"] == expect["converted"] and len(m["skipped_files"]) == 2
     assert f"{expect['inputs']} inputs -> {prepared} prepared images -> {2 * prepared} samples" in printed
-    assert m["latent"]["shape"] == [48, 8, 8] and m["resolution"] == 32
+    assert m["latent"]["shape"] == [48, 8, 8] and m["resolution"] == 32 and m["crop"] == "adm"  # ImageNet: ADM
     # the spec as given and the token grid: latent side 8 / patch 2 -> 4x4 tokens, the tiny /2 model's
     assert m["features"] == [{"name": "dinov2-tiny", "spec": "dinov2-tiny", "tokens": 16, "dim": 32}]
     assert len(m["shards"]) == 7 and all(s["num_samples"] <= 8 for s in m["shards"])
@@ -255,3 +255,16 @@ def test_class_cond_trainer_reads_prepared_imagenet(tree, tmp_path):
     assert "training done at step 4" in proc.stdout + proc.stderr
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rows and all(np.isfinite(r["loss"]) for r in rows)
+
+
+def test_uvit_crop_is_the_centred_square_resized_with_lanczos():
+    """U-ViT's COCO preprocessing (the paper's T2I setup): crop the centred square of the short side, then LANCZOS
+    to the target; ADM's halves with BOX and resizes with BICUBIC first, so the two differ on a large image."""
+    from data_prep.images import CROPS, center_crop_uvit
+
+    rng = np.random.default_rng(0)
+    arr = rng.integers(0, 256, (90, 131, 3), dtype=np.uint8)  # odd margins: (131 - 90) // 2 = 20 on the left
+    square = Image.fromarray(arr[:, 20:110])
+    assert np.array_equal(center_crop_uvit(Image.fromarray(arr), 32), np.asarray(square.resize((32, 32), Image.LANCZOS)))
+    assert np.array_equal(center_crop_uvit(Image.fromarray(arr), 90), arr[:, 20:110])  # no resize at the crop size
+    assert not np.array_equal(center_crop_uvit(Image.fromarray(arr), 32), CROPS["adm"](Image.fromarray(arr), 32))

@@ -77,6 +77,11 @@ def test_coco_val_shards(val, tmp_path, capsys):
     assert s["txt_emb.npy"].dtype == np.float16 and s["txt_emb.npy"].shape == (6, 77, 32)
     assert s["latent.npy"].dtype == np.float16 and s["latent.npy"].shape == (96, 8, 8)
     assert s["image.png"].shape == (32, 32, 3)
+    from data_prep.images import center_crop_uvit
+
+    assert m["crop"] == "uvit" and m["fid_stats"]["crop"] == "uvit"  # U-ViT's COCO preprocessing by default
+    with Image.open(os.path.join(images, "COCO_val2014_000000001007.jpg")) as im:
+        assert np.array_equal(s["image.png"], center_crop_uvit(im.convert("RGB"), 32))
     from t2i.text_encoder import load_text_encoder
 
     enc = load_text_encoder("clip-tiny")
