@@ -36,6 +36,17 @@ def _share_cpu_threads() -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world // 2))
 
 
+def cuda_index(local_rank: int, visible: int) -> int:
+    """This rank's GPU among the `visible` ones: its local rank when each rank sees the node's GPUs, 0 when the
+    scheduler bound one GPU to each task (srun --gpus-per-task=1 / --gpu-bind); RuntimeError otherwise."""
+    if visible == 1:
+        return 0
+    if 0 <= local_rank < visible:
+        return local_rank
+    raise RuntimeError(f"local rank {local_rank} has no GPU of its own: {visible} are visible to it (one per rank "
+                       "on the node, or exactly one bound to each task, is expected)")
+
+
 def setup_distributed() -> DistContext:
     """Initialise torch.distributed through DeepSpeed (NCCL on GPUs, gloo on CPU) and pick this rank's device.
 
@@ -51,8 +62,9 @@ def setup_distributed() -> DistContext:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     accel = get_accelerator()
     if accel.device_name() == "cuda":
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
+        index = cuda_index(local_rank, torch.cuda.device_count())
+        torch.cuda.set_device(index)
+        device = torch.device("cuda", index)
     else:
         device = torch.device(accel.device_name())
         _share_cpu_threads()

@@ -170,6 +170,17 @@ def check_resume_config(cfg, checkpoint: str) -> None:
         )
 
 
+def check_resume_world_size(checkpoint: str, world_size: int) -> None:
+    """ConfigError unless `checkpoint` was written by `world_size` ranks: DeepSpeed's ZeRO checkpoints hold one
+    optimiser partition per rank and load on the same data-parallel size only (found before any setup)."""
+    saved = ckpt.read_state(checkpoint).get("world_size")
+    if saved is not None and saved != world_size:
+        raise ConfigError(
+            f"{checkpoint} was written by {saved} ranks and this run has {world_size}: DeepSpeed's ZeRO checkpoints "
+            f"resume on the same number of ranks (GPUs) only. Resume with {saved} ranks, or start a new run.dir"
+        )
+
+
 def batch_plan(cfg, world_size: int) -> tuple[int, int]:
     """(micro-batch per rank, micro-batches per step); ConfigError for a layout this run cannot use."""
     micro, accum = batch_layout(cfg.train.global_batch, cfg.train.micro_batch, world_size)
@@ -296,6 +307,7 @@ def train(cfg, task: Task) -> int:
     resume_from = ckpt.latest_checkpoint(run_dir)
     if resume_from is not None:
         check_resume_config(cfg, resume_from)
+        check_resume_world_size(resume_from, ctx.world_size)
     if ctx.is_main:
         os.makedirs(run_dir, exist_ok=True)
         save_config(cfg, os.path.join(run_dir, "config.yaml"))

@@ -57,17 +57,19 @@ train() {  # SCRIPT DEFAULT_CONFIG [overrides]: checkpoint on USR1, exit 75, req
     "${SRUN[@]}" --ntasks="$WORLD_SIZE" --ntasks-per-node="$TASKS_PER_NODE" \
         ${SLURM_CPUS_PER_TASK:+--cpus-per-task="$SLURM_CPUS_PER_TASK"} \
         bash -c 'RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID exec "$@"' rank \
-        python -u "$script" --config "$config" "${overrides[@]}" &
+        python -u "$script" --config "$config" ${overrides[@]+"${overrides[@]}"} &  # bash < 4.4: empty arrays
     local pid=$! requeue=0 rc
     # --signal=B:USR1 (and scancel --batch) signal only this shell; srun forwards USR1 to every task.
     trap 'echo "[$(date -Is)] USR1: asking the trainer to checkpoint"; requeue=1; kill -USR1 $pid || :' USR1
-    # Preemption and scancel send TERM to the tasks themselves; srun would answer a TERM by killing the step,
-    # so this shell only stays alive (its exit would end the job) until the ranks have saved.
+    # Preemption with a GraceTime sends TERM to the tasks themselves: this shell only stays alive (its exit would
+    # end the job) until the ranks have saved. A plain scancel or the hard time limit signals srun too, which
+    # answers by killing the ranks: no checkpoint then (README: Time limits and preemption).
     trap 'echo "[$(date -Is)] TERM: waiting for the ranks to checkpoint"' TERM
     while :; do  # wait returns early (>128) when a trap fires; keep waiting for the step itself
         rc=0; wait "$pid" || rc=$?
         kill -0 "$pid" 2>/dev/null || break
     done
+    rc=0; wait "$pid" || rc=$?  # the step's own code, had a trap ended the last wait just as the step exited
     echo "[$(date -Is)] training step exited $rc"
     if [[ $rc == 75 && $requeue == 1 ]]; then  # checkpoint written on our USR1: continue in a new allocation
         echo "[$(date -Is)] requeueing job $SLURM_JOB_ID"
@@ -84,7 +86,7 @@ accelerate() {  # MODULE [args]: one launcher per node starting TASKS_PER_NODE p
     # eval.accelerate_cli is `accelerate` with the project's torchvision import fix applied first.
     "${SRUN[@]}" --ntasks="$NNODES" --ntasks-per-node=1 --cpus-per-task="$SLURM_CPUS_ON_NODE" \
         bash -c 'exec python -m eval.accelerate_cli launch --machine_rank "$SLURM_NODEID" "$@"' launcher \
-        "${multi[@]}" --num_machines "$NNODES" --num_processes "$procs" --main_process_ip "$MASTER_ADDR" \
+        ${multi[@]+"${multi[@]}"} --num_machines "$NNODES" --num_processes "$procs" --main_process_ip "$MASTER_ADDR" \
         --main_process_port "$MASTER_PORT" --mixed_precision no --dynamo_backend no -m "$module" "$@"
 }
 

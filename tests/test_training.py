@@ -199,3 +199,30 @@ def test_config_change_refused_on_resume(tmp_path, tiny_args):
     # bookkeeping keys (more steps) do not count as a change
     run_train(tiny_args("train.max_steps=4", run_dir=run))
     assert max(s for s, _ in list_checkpoints(run)) == 4
+
+
+def test_resume_on_another_number_of_ranks_is_refused_before_setup(tmp_path, tiny_args):
+    """DeepSpeed's ZeRO checkpoints load on the same data-parallel size only; the trainer says so before building
+    anything (DeepSpeed would fail deep in load_checkpoint, after the dataset and the engine)."""
+    run = tmp_path / "run"
+    run_train(tiny_args("train.max_steps=2", run_dir=run))
+    (_, ckpt_dir), = list_checkpoints(run)
+    state_file = os.path.join(ckpt_dir, "state.json")
+    with open(state_file) as f:
+        state = json.load(f)
+    state["world_size"] = 2  # as if two ranks had written it
+    with open(state_file, "w") as f:
+        json.dump(state, f)
+    proc = run_train(tiny_args("train.max_steps=4", run_dir=run), check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "was written by 2 ranks and this run has 1" in proc.stderr and "Resume with 2 ranks" in proc.stderr
+    assert max(s for s, _ in list_checkpoints(run)) == 2
+
+
+def test_each_rank_gets_its_gpu_whether_it_sees_all_or_one():
+    from core.dist import cuda_index
+
+    assert [cuda_index(r, 8) for r in range(8)] == list(range(8))  # every rank sees the node's GPUs
+    assert [cuda_index(r, 1) for r in range(8)] == [0] * 8  # srun --gpus-per-task=1: one bound GPU each
+    with pytest.raises(RuntimeError, match="local rank 5 has no GPU of its own: 4 are visible"):
+        cuda_index(5, 4)
