@@ -28,7 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from core.config import save_config
-from core.dist import barrier
+from core.dist import any_rank, barrier
 from core.fileio import atomic_path, write_json_atomic, write_text_atomic
 
 TAG_RE = re.compile(r"^step_(\d{8,})$")
@@ -115,6 +115,7 @@ def save_checkpoint(run_dir: str, engine, ema, state: dict, cfg, rank: int, keep
         os.makedirs(staging)
     barrier()
     part = os.path.join(staging, tag)
+    error = None
     try:
         engine.save_checkpoint(staging, tag=tag, save_latest=False)
         write_json_atomic(os.path.join(part, f"rng_rank{rank}.json"), rng_state())
@@ -125,13 +126,18 @@ def save_checkpoint(run_dir: str, engine, ema, state: dict, cfg, rank: int, keep
             save_config(cfg, os.path.join(part, "config.yaml"))
             write_json_atomic(os.path.join(part, "state.json"), state)  # written last: marks the part complete
     except Exception as err:
+        error = err
+    # Every rank learns of a failure (most often rank 0's EMA file on a full disk), so none waits at the barrier
+    # below for a rank that gave up: all raise together.
+    if any_rank(error is not None, getattr(engine, "device", torch.device("cpu"))):
         if rank == 0:
             shutil.rmtree(staging, ignore_errors=True)
         newest = latest_checkpoint(run_dir)
+        why = f"{type(error).__name__}: {error}" if error is not None else "another rank could not write its part"
         raise CheckpointSaveError(
-            f"checkpoint {tag} of {run_dir} could not be written ({type(err).__name__}: {err}); "
+            f"checkpoint {tag} of {run_dir} could not be written ({why}); "
             f"the newest complete checkpoint, {newest or '(none yet)'}, is intact"
-        ) from err
+        ) from error
     barrier()
     final = os.path.join(root, tag)
     if rank == 0:

@@ -10,6 +10,8 @@ import io
 import json
 import os
 import pickle
+import subprocess
+import sys
 import tarfile
 from dataclasses import dataclass
 
@@ -353,3 +355,54 @@ def test_failed_metrics_log_append_keeps_earlier_lines(tmp_path, monkeypatch):
         append_line(path, json.dumps({"step": 2}))
     monkeypatch.undo()
     assert open(path, "rb").read() == before  # no torn last line: every line still parses
+
+
+_TWO_RANK_SAVE = r'''
+import os, sys, torch, torch.distributed as dist
+from dataclasses import dataclass
+from core import checkpoint as ckpt
+
+@dataclass
+class Cfg:
+    lr: float = 1e-4
+
+class Engine:
+    module = torch.nn.Linear(2, 2)
+    def save_checkpoint(self, save_dir, tag, save_latest):
+        os.makedirs(os.path.join(save_dir, tag), exist_ok=True)
+
+class EMA:
+    def state_dict(self, module):
+        return {"weight": torch.zeros(2)}
+
+def main(rank, run, port):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    if rank == 0:  # rank 0's EMA file meets a full disk
+        def full(tensors, path, metadata=None):
+            raise OSError(28, "No space left on device")
+        ckpt.save_file = full
+    try:
+        ckpt.save_checkpoint(run, Engine(), EMA(), {"step": 1}, Cfg(), rank, 2)
+        print(f"rank {rank}: saved", flush=True)
+    except ckpt.CheckpointSaveError as err:
+        print(f"rank {rank}: {err}", flush=True)
+
+if __name__ == "__main__":
+    torch.multiprocessing.start_processes(main, args=(sys.argv[1], sys.argv[2]), nprocs=2, start_method="fork")
+'''
+
+
+def test_a_save_failing_on_one_rank_is_raised_on_every_rank(tmp_path):
+    """Rank 0 cannot write the EMA; rank 1 must not wait at the barrier for it (until the process group's
+    10-minute timeout on a real cluster): both raise CheckpointSaveError at once."""
+    from conftest import REPO, cpu_env, free_port
+
+    script = tmp_path / "save.py"
+    script.write_text(_TWO_RANK_SAVE)
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "run"), str(free_port())], cwd=REPO,
+                          env=cpu_env(PYTHONPATH=REPO), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "rank 0: checkpoint step_00000001" in proc.stdout and "No space left on device" in proc.stdout
+    assert "rank 1: checkpoint step_00000001" in proc.stdout and "another rank could not write its part" in proc.stdout
+    assert ckpt.list_checkpoints(str(tmp_path / "run")) == []
