@@ -172,18 +172,29 @@ def test_metrics_of_a_replayed_step_read_once_latest_wins(tmp_path):
     assert [(r["step"], r["loss"]) for r in read_metrics(tmp_path)] == [(10, 1.0), (20, 0.9), (30, 0.7), (40, 0.6)]
 
 
-def test_resume_refuses_a_model_built_with_other_arguments(tmp_path, tiny_args):
-    """Same config, same weight shapes, other model (as when a preset's head count changes): refused, named."""
-    run = tmp_path / "run"
+def _two_steps_then_edit_state(run, tiny_args, edit) -> None:
+    """Train 2 steps into `run`, then change its checkpoint's state.json with `edit(state)` in place."""
     run_train(tiny_args("train.max_steps=2", run_dir=run))
     (_, ckpt_dir), = list_checkpoints(run)
     state_file = os.path.join(ckpt_dir, "state.json")
     with open(state_file) as f:
         state = json.load(f)
-    heads = state["model"]["kwargs"]["num_heads"]
-    state["model"]["kwargs"]["num_heads"] = heads * 2
+    edit(state)
     with open(state_file, "w") as f:
         json.dump(state, f)
+
+
+def test_resume_refuses_a_model_built_with_other_arguments(tmp_path, tiny_args):
+    """Same config, same weight shapes, other model (as when a preset's head count changes): refused, named."""
+    run = tmp_path / "run"
+    heads = {}
+
+    def double_heads(state):
+        heads["trained"] = state["model"]["kwargs"]["num_heads"]
+        state["model"]["kwargs"]["num_heads"] *= 2
+
+    _two_steps_then_edit_state(run, tiny_args, double_heads)
+    heads = heads["trained"]
     proc = run_train(tiny_args("train.max_steps=4", run_dir=run), check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"num_heads: {heads * 2} in the checkpoint, {heads} now" in proc.stderr
@@ -205,14 +216,7 @@ def test_resume_on_another_number_of_ranks_is_refused_before_setup(tmp_path, tin
     """DeepSpeed's ZeRO checkpoints load on the same data-parallel size only; the trainer says so before building
     anything (DeepSpeed would fail deep in load_checkpoint, after the dataset and the engine)."""
     run = tmp_path / "run"
-    run_train(tiny_args("train.max_steps=2", run_dir=run))
-    (_, ckpt_dir), = list_checkpoints(run)
-    state_file = os.path.join(ckpt_dir, "state.json")
-    with open(state_file) as f:
-        state = json.load(f)
-    state["world_size"] = 2  # as if two ranks had written it
-    with open(state_file, "w") as f:
-        json.dump(state, f)
+    _two_steps_then_edit_state(run, tiny_args, lambda state: state.update(world_size=2))  # as if 2 ranks wrote it
     proc = run_train(tiny_args("train.max_steps=4", run_dir=run), check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "was written by 2 ranks and this run has 1" in proc.stderr and "Resume with 2 ranks" in proc.stderr
