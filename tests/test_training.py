@@ -172,29 +172,27 @@ def test_metrics_of_a_replayed_step_read_once_latest_wins(tmp_path):
     assert [(r["step"], r["loss"]) for r in read_metrics(tmp_path)] == [(10, 1.0), (20, 0.9), (30, 0.7), (40, 0.6)]
 
 
-def _two_steps_then_edit_state(run, tiny_args, edit) -> None:
-    """Train 2 steps into `run`, then change its checkpoint's state.json with `edit(state)` in place."""
+def _two_steps_then_edit_state(run, tiny_args, edit) -> dict:
+    """Train 2 steps into `run`, then change its checkpoint's state.json with `edit(state)` in place; returns the
+    state as training wrote it."""
     run_train(tiny_args("train.max_steps=2", run_dir=run))
     (_, ckpt_dir), = list_checkpoints(run)
     state_file = os.path.join(ckpt_dir, "state.json")
     with open(state_file) as f:
-        state = json.load(f)
+        written = f.read()
+    state = json.loads(written)
     edit(state)
     with open(state_file, "w") as f:
         json.dump(state, f)
+    return json.loads(written)
 
 
 def test_resume_refuses_a_model_built_with_other_arguments(tmp_path, tiny_args):
     """Same config, same weight shapes, other model (as when a preset's head count changes): refused, named."""
     run = tmp_path / "run"
-    heads = {}
-
-    def double_heads(state):
-        heads["trained"] = state["model"]["kwargs"]["num_heads"]
-        state["model"]["kwargs"]["num_heads"] *= 2
-
-    _two_steps_then_edit_state(run, tiny_args, double_heads)
-    heads = heads["trained"]
+    trained = _two_steps_then_edit_state(run, tiny_args, lambda s: s["model"]["kwargs"].update(
+        num_heads=2 * s["model"]["kwargs"]["num_heads"]))
+    heads = trained["model"]["kwargs"]["num_heads"]
     proc = run_train(tiny_args("train.max_steps=4", run_dir=run), check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"num_heads: {heads * 2} in the checkpoint, {heads} now" in proc.stderr
