@@ -1,21 +1,23 @@
 """The class-conditional task: ImageNet latents (or a generated set) -> SiT/DiT with the class as condition."""
-import os
 from dataclasses import dataclass, field
+from typing import Sequence
 
+import numpy as np
 import torch
 
-from core.config import (ObjectiveConfig, RepaConfig, RunConfig, TrainConfig, check_block, check_choice,
-                         check_prepared_dataset, validate_common)
+from core.config import TaskConfig, validate_task_config
 from core.data import SkippingDataset
-from core.dist import DistContext, barrier
+from core.dist import DistContext
 from core.latents import latent_layout
 from core.layers import check_labels
 from core.shards import ShardReader, feature_key, read_manifest
-from core.trainer import DataInfo
+from core.task import DataInfo, generated_dataset
 from core.transport import build_objective
 
 from class_cond.data import SYNTHETIC_FACTOR, decode_class_cond, make_synthetic_class_cond
 from class_cond.models import SIT_PRESETS, build_sit
+
+NAME = "class_cond"
 
 
 @dataclass
@@ -35,79 +37,100 @@ class DataConfig:
 
 
 @dataclass
-class ClassCondConfig:
-    run: RunConfig = field(default_factory=RunConfig)
+class ClassCondConfig(TaskConfig):
+    task: str = NAME
     model: ModelConfig = field(default_factory=ModelConfig)
-    repa: RepaConfig = field(default_factory=RepaConfig)
-    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
 
     def validate(self, check_data: bool = True) -> None:
-        validate_common(self)
-        check_choice("model.preset", self.model.preset, tuple(SIT_PRESETS))
-        check_choice("data.kind", self.data.kind, ("shards", "synthetic"))
-        if self.data.kind == "shards" and check_data:
-            check_prepared_dataset("data.path", self.data.path, "class_cond", "data_prep.imagenet")
-        if self.repa.coeff > 0:
-            check_block("repa.depth", self.repa.depth, self.model.preset, SIT_PRESETS[self.model.preset]["depth"])
+        validate_task_config(self, NAME, SIT_PRESETS, "data_prep.imagenet", check_data)
+
+
+def null_labels(labels: torch.Tensor, num_classes: int) -> dict:
+    """The null condition of CFG: every label replaced by the null class `num_classes` (the REPA reference's
+    LabelEmbedder keeps row num_classes for it, models/sit.py)."""
+    return {"y": torch.full_like(labels, num_classes)}
+
+
+class ClassConditioner:
+    """Class-balanced labels for evaluation: sample i gets class i % num_classes (50K ImageNet samples = 50 per
+    class); the null condition is the null class, index num_classes."""
+
+    num_available = None
+    protocol = None
+
+    def __init__(self, num_classes: int):
+        self.num_classes = num_classes
+
+    def cond(self, indices: Sequence[int], device: torch.device) -> dict:
+        return {"y": torch.as_tensor(self.labels(indices), dtype=torch.long, device=device)}
+
+    def null(self, cond: dict) -> dict:
+        return null_labels(cond["y"], self.num_classes)
+
+    def labels(self, indices: Sequence[int]) -> np.ndarray:
+        return np.asarray(indices, dtype=np.int64) % self.num_classes
 
 
 class ClassCondTask:
-    name = "class_cond"
+    """core.task.Task for class-conditional SiT/DiT: condition {"y": labels}, the null class num_classes for CFG
+    (the reference's convention)."""
 
-    def __init__(self, cfg: ClassCondConfig):
-        self.cfg = cfg
-        self.num_classes = 0  # from the dataset's manifest
+    name = NAME
+    config_class = ClassCondConfig
 
-    def prepare_data(self, ctx: DistContext) -> DataInfo:
-        d = self.cfg.data
+    def __init__(self, cfg: ClassCondConfig, data: DataInfo):
+        self.cfg, self.data = cfg, data
+        self.num_classes = int(data.manifest["num_classes"])
+
+    @classmethod
+    def prepare_data(cls, cfg: ClassCondConfig, ctx: DistContext) -> DataInfo:
+        d = cfg.data
+        root = d.path
         if d.kind == "synthetic":
-            root = d.path or os.path.join(self.cfg.run.dir, "data")
-            if ctx.is_main and not os.path.isfile(os.path.join(root, "manifest.json")):
-                make_synthetic_class_cond(root, d.synthetic_samples, d.synthetic_classes, d.synthetic_resolution,
-                                          seed=self.cfg.run.seed)
-            barrier()
-        else:
-            root = d.path
-        info = DataInfo(root, read_manifest(root))
-        self.num_classes = int(info.manifest["num_classes"])
-        return info
+            root = generated_dataset(cfg, ctx, "manifest.json", lambda out: make_synthetic_class_cond(
+                out, d.synthetic_samples, d.synthetic_classes, d.synthetic_resolution, seed=cfg.run.seed))
+        return DataInfo(root, read_manifest(root))
 
-    def dataset(self, info: DataInfo, need_image: bool, feature_names: list[str]):
-        keys = tuple(feature_key(n) for n in feature_names)
-        return SkippingDataset(ShardReader(info.root), lambda raw, _: decode_class_cond(raw, need_image, keys))
-
-    def random_data(self, resolution: int) -> DataInfo:
-        """The shapes of this config's data with nothing read (core.bench's random batches): the generated set's
-        for data.kind=synthetic, else ImageNet at `resolution` px in SD-VAE latents, 1000 classes."""
-        d = self.cfg.data
+    @classmethod
+    def random_data(cls, cfg: ClassCondConfig, resolution: int) -> DataInfo:
+        """The shapes of the configured data with nothing read: the generated set's for data.kind=synthetic, else
+        ImageNet at `resolution` px in SD-VAE latents, 1000 classes."""
+        d = cfg.data
         if d.kind == "synthetic":
             resolution, classes, latent = d.synthetic_resolution, d.synthetic_classes, f"pixel-s2d{SYNTHETIC_FACTOR}"
         else:
             classes, latent = 1000, "sd-vae"
-        self.num_classes = classes
         return DataInfo("(random)", {"kind": "class_cond", "resolution": resolution, "num_classes": classes,
-                                     "features": [], "latent": latent_layout(latent, resolution)})
+                                     "features": [], "latent": latent_layout(latent, resolution)}, random=True)
 
-    def random_condition(self, info: DataInfo, n: int, generator: torch.Generator) -> dict:
-        """Batch fields of the condition for `n` random samples (host tensors)."""
-        return {"label": torch.randint(0, self.num_classes, (n,), generator=generator)}
+    @staticmethod
+    def build_model(kwargs: dict, grad_checkpointing: bool = False) -> torch.nn.Module:
+        return build_sit(kwargs, grad_checkpointing=grad_checkpointing)
 
-    def model_kwargs(self, info: DataInfo, encoder_dims: list[int]) -> dict:
+    @classmethod
+    def conditioner(cls, record: dict, options: dict) -> ClassConditioner:
+        if options.get("cond_file"):
+            raise ValueError("the class_cond task takes no --cond-file (labels are i % num_classes)")
+        return ClassConditioner(int(record["model"]["kwargs"]["num_classes"]))
+
+    def model_kwargs(self, encoder_dims: list[int]) -> dict:
         """Every SiT constructor argument (JSON-serialisable): checkpoints record them so eval needs no data."""
-        c, h = info.square_latent()
+        c, h = self.data.square_latent()
         m = self.cfg.model
-        return {**SIT_PRESETS[m.preset], "input_size": h, "in_channels": c,
-                "num_classes": int(info.manifest["num_classes"]), "repa_depth": self.cfg.repa.depth,
-                "encoder_dims": list(encoder_dims), "projector_dim": self.cfg.repa.projector_dim,
-                "qk_norm": m.qk_norm, "learn_sigma": build_objective(self.cfg.objective).learn_sigma}
+        return {**SIT_PRESETS[m.preset], "input_size": h, "in_channels": c, "num_classes": self.num_classes,
+                "repa_depth": self.cfg.repa.depth, "encoder_dims": list(encoder_dims),
+                "projector_dim": self.cfg.repa.projector_dim, "qk_norm": m.qk_norm,
+                "learn_sigma": build_objective(self.cfg.objective).learn_sigma}
 
-    def build_model(self, kwargs: dict) -> torch.nn.Module:
-        return build_sit(kwargs, grad_checkpointing=self.cfg.model.grad_checkpointing)
+    def dataset(self, need_image: bool, feature_names: list[str]):
+        keys = tuple(feature_key(n) for n in feature_names)
+        return SkippingDataset(ShardReader(self.data.root), lambda raw, _: decode_class_cond(raw, need_image, keys))
 
     def condition(self, batch: dict, drop: torch.Tensor, device: torch.device) -> dict:
         check_labels(batch["label"], self.num_classes)  # on the host copy: no device sync
         labels = batch["label"].to(device, non_blocking=True)
-        null = torch.full_like(labels, self.num_classes)  # the null class index for CFG (NOTES.md)
-        return {"y": torch.where(drop, null, labels)}
+        return {"y": torch.where(drop, null_labels(labels, self.num_classes)["y"], labels)}
+
+    def random_condition(self, n: int, generator: torch.Generator) -> dict:
+        return {"label": torch.randint(0, self.num_classes, (n,), generator=generator)}

@@ -3,9 +3,9 @@
     python -m core.bench --config configs/class_cond/sit_xl2_repa_in256.yaml --steps 30 --random-encoders  # GPU
     python -m core.bench --config configs/debug/class_cond_tiny.yaml --steps 20                             # anywhere
 
-The run is built exactly as training builds it (core.trainer.build_setup: model, DeepSpeed engine from the
-config's ds_config, EMA, REPA encoders) and each timed step is core.trainer.train_step, so what is measured is the
-training loop's own step, not a copy. Overrides (`train.global_batch=64 train.ds_config=ds_configs/zero1.json`)
+The run is built exactly as training builds it (core.trainer.plan_run and build_run: model, DeepSpeed engine from
+the config's ds_config, EMA, REPA encoders) and each timed step is core.trainer.train_step, so what is measured is
+the training loop's own step, not a copy. The config's `task:` names the task (core.task). Overrides (`train.global_batch=64 train.ds_config=ds_configs/zero1.json`)
 choose the lever measured.
 
 Data: `--data random` (default) feeds random batches of the dataset's shapes, made once and kept in (pinned) host
@@ -35,10 +35,16 @@ import time
 
 import numpy as np
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
-from core.config import ConfigError, load_config
-from core.encoders import encoder_names, random_weights_spec
+from core.config import ConfigError
+from core.dist import barrier, setup_distributed
+from core.encoders import encoder_dim, encoder_names, random_weights_spec
+from core.engine import build_ds_config
 from core.fileio import append_line
+from core.shards import feature_record
+from core.task import load_task_config
+from core.trainer import RunPlan, build_run, plan_run, train_step, training_batches
 
 # Dense (no sparsity) peak TFLOP/s by precision, from NVIDIA's datasheets; the first name found in the device name
 # wins, so the PCIe/NVL variants come before the plain "H100" (the SXM part).
@@ -58,8 +64,6 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m core.bench", description=__doc__.split("\n\n")[0],
                                 epilog="Overrides: section.key=value, e.g. train.global_batch=64")
     p.add_argument("--config", required=True, help="training YAML, e.g. configs/class_cond/sit_xl2_repa_in256.yaml")
-    p.add_argument("--task", choices=("class_cond", "t2i"), default=None,
-                   help="the config's task (default: t2i if 't2i' is in the config path, else class_cond)")
     p.add_argument("--steps", type=int, default=20, help="timed steps (default 20)")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
     p.add_argument("--data", choices=("random", "loader"), default="random",
@@ -94,16 +98,6 @@ def _scratch_dir(ctx) -> str:
     return path[0]
 
 
-def _task(name: str):
-    if name == "t2i":
-        from t2i.task import T2IConfig, T2ITask
-
-        return T2IConfig, T2ITask
-    from class_cond.task import ClassCondConfig, ClassCondTask
-
-    return ClassCondConfig, ClassCondTask
-
-
 def _packages_for(cfg) -> list[str]:
     mods = ["deepspeed"]
     names = encoder_names(cfg.repa.encoders) if cfg.repa.coeff > 0 else []
@@ -135,50 +129,45 @@ def peak_tflops(device: torch.device, prec: str) -> tuple[float | None, str]:
     return None, f"no peak known for {name!r}; pass --peak-tflops"
 
 
-def random_batch(setup, n: int, generator: torch.Generator, pin: bool) -> dict:
+def random_batch(plan: RunPlan, n: int, generator: torch.Generator, pin: bool) -> dict:
     """A batch like the training loader's for `n` samples, with random values of the dataset's shapes."""
-    info = setup.info
-    c, h, w = info.latent_shape
+    c, h, w = plan.data.latent_shape
     batch = {"moments": torch.cat([torch.randn(n, c, h, w, generator=generator),
                                    0.1 * torch.rand(n, c, h, w, generator=generator)], dim=1),
-             **setup.task.random_condition(info, n, generator)}
-    if setup.need_image:
-        r = info.resolution
+             **plan.task.random_condition(n, generator)}
+    if plan.need_image:
+        r = plan.data.resolution
         batch["image"] = torch.randint(0, 256, (n, 3, r, r), generator=generator, dtype=torch.uint8)
-    if setup.feature_names:
-        from core.encoders import encoder_dim
-
-        tokens = (setup.model_kwargs["input_size"] // setup.model_kwargs["patch_size"]) ** 2
-        batch["feats"] = tuple(torch.randn(n, tokens, encoder_dim(s), generator=generator)
-                               for s in setup.cfg.repa.encoders)
+    if plan.feature_names:
+        batch["feats"] = tuple(torch.randn(n, plan.grid**2, encoder_dim(s), generator=generator)
+                               for s in plan.cfg.repa.encoders)
     if pin:
         batch = {k: tuple(t.pin_memory() for t in v) if isinstance(v, tuple) else v.pin_memory()
                  for k, v in batch.items()}
     return batch
 
 
-def count_flops(setup) -> dict:
-    """Training FLOPs per image: model forward + backward (meta-device copy, no recompute) and encoder forward."""
-    from torch.utils.flop_counter import FlopCounterMode
-
+def count_flops(plan: RunPlan, encoders: list) -> dict:
+    """Training FLOPs per image: model forward + backward (meta-device copy, no recompute) and the forward of the
+    REPA `encoders` (those the step runs)."""
     n = 2
     with torch.device("meta"):
-        model = setup.task.build_model(setup.model_kwargs)
+        model = plan.task.build_model(plan.model_kwargs, grad_checkpointing=plan.cfg.model.grad_checkpointing)
     if hasattr(model, "grad_checkpointing"):
         model.grad_checkpointing = False  # model FLOPs: recompute is overhead, not useful work
-    host = random_batch(setup, n, torch.Generator().manual_seed(0), pin=False)
+    host = random_batch(plan, n, torch.Generator().manual_seed(0), pin=False)
     meta = torch.device("meta")
-    cond = setup.task.condition(host, torch.zeros(n, dtype=torch.bool, device=meta), meta)
-    c, h, w = setup.info.latent_shape
+    cond = plan.task.condition(host, torch.zeros(n, dtype=torch.bool, device=meta), meta)
+    c, h, w = plan.data.latent_shape
     with FlopCounterMode(display=False) as fwd:
         out, zs = model(torch.randn(n, c, h, w, device=meta), torch.rand(n, device=meta), **cond)
     with FlopCounterMode(display=False) as bwd:
         (out.float().sum() + sum(z.float().sum() for z in zs)).backward()
     enc = 0
-    if setup.encoders:
-        image = host["image"][:1].to(setup.ctx.device)
+    if encoders:
+        image = host["image"][:1].to(plan.ctx.device)
         with FlopCounterMode(display=False) as counter:
-            for e in setup.encoders:
+            for e in encoders:
                 e(image)
         enc = counter.get_total_flops()
     return {"model_fwd": fwd.get_total_flops() / n, "model_bwd": bwd.get_total_flops() / n, "encoder_fwd": enc}
@@ -220,53 +209,46 @@ def _timed(fn, n: int, device: torch.device) -> list[float]:
     return times
 
 
-def bench_loader(cfg, task, ctx, args) -> dict:
+def bench_loader(cfg, task_cls, ctx, args) -> dict:
     """Samples/s of the training loader alone over --steps micro-batches after --warmup."""
-    from core.engine import batch_layout
-    from core.trainer import training_batches
-
-    micro, _ = batch_layout(cfg.train.global_batch, cfg.train.micro_batch, ctx.world_size)
-    loader = training_batches(cfg, task, task.prepare_data(ctx), ctx, micro, 0)
+    plan = plan_run(cfg, task_cls(cfg, task_cls.prepare_data(cfg, ctx)), ctx)
+    loader = training_batches(plan, 0)
     for _ in range(args.warmup):
         next(loader)
     times = _timed(lambda i: next(loader), args.steps, torch.device("cpu"))
-    return {"mode": "loader-only", "micro_batch": micro, "num_workers": cfg.train.num_workers,
-            "samples_per_s": micro * len(times) / sum(times), "ms_per_batch_median": 1e3 * float(np.median(times))}
+    return {"mode": "loader-only", "micro_batch": plan.micro, "num_workers": cfg.train.num_workers,
+            "samples_per_s": plan.micro * len(times) / sum(times),
+            "ms_per_batch_median": 1e3 * float(np.median(times))}
 
 
-def bench_step(cfg, task, ctx, args) -> dict:
+def bench_step(cfg, task_cls, ctx, args) -> dict:
     """Time core.trainer.train_step: --warmup untimed steps, then --steps timed ones."""
-    from core.engine import build_ds_config
-    from core.trainer import build_setup, train_step, training_batches
-
     if args.data == "loader":
-        info = task.prepare_data(ctx)
+        task = task_cls(cfg, task_cls.prepare_data(cfg, ctx))
     else:
-        info = task.random_data(args.resolution)
+        task = task_cls(cfg, task_cls.random_data(cfg, args.resolution))
         if args.features and cfg.repa.coeff > 0:  # stored features of each spec at the model's token grid
-            from core.encoders import encoder_dim
-            from core.shards import feature_record
-
-            kwargs = task.model_kwargs(info, [])
+            kwargs = task.model_kwargs([])
             tokens = (kwargs["input_size"] // kwargs["patch_size"]) ** 2
-            info.manifest["features"] = [feature_record(s, tokens, encoder_dim(s)) for s in cfg.repa.encoders]
-    setup = build_setup(cfg, task, ctx, info)
+            task.data.manifest["features"] = [feature_record(s, tokens, encoder_dim(s)) for s in cfg.repa.encoders]
+    plan = plan_run(cfg, task, ctx)
+    run = build_run(plan)
     if args.data == "loader":
-        batches = training_batches(cfg, task, info, ctx, setup.micro, 0)
+        batches = training_batches(plan, 0)
     else:
         g = torch.Generator().manual_seed(cfg.run.seed)
         pin = ctx.device.type == "cuda"
-        batches = itertools.cycle([random_batch(setup, setup.micro, g, pin) for _ in range(2)])
-    flops = count_flops(setup)
+        batches = itertools.cycle([random_batch(plan, plan.micro, g, pin) for _ in range(2)])
+    flops = count_flops(plan, run.encoders)
 
     for i in range(args.warmup):
-        train_step(setup, batches, i)
+        train_step(run, batches, i)
     if ctx.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(ctx.device)
-    times = _timed(lambda i: train_step(setup, batches, args.warmup + i), args.steps, ctx.device)
+    times = _timed(lambda i: train_step(run, batches, args.warmup + i), args.steps, ctx.device)
     memory, memory_kind = _peak_memory(ctx.device)
 
-    per_device = setup.micro * setup.accum
+    per_device = plan.micro * plan.accum
     step_s = float(np.median(times))
     img_s = per_device / step_s
     prec = precision(build_ds_config(cfg.train, ctx.world_size))
@@ -274,12 +256,12 @@ def bench_step(cfg, task, ctx, args) -> dict:
     model_flops = flops["model_fwd"] + flops["model_bwd"]
     mfu = model_flops * img_s / (peak * 1e12) if peak else None
     mfu_enc = (model_flops + flops["encoder_fwd"]) * img_s / (peak * 1e12) if peak else None
-    return {"mode": "step", "data": args.data + (" + stored features" if setup.feature_names else ""),
-            "encoders": list(cfg.repa.encoders) if setup.encoders else [], "precision": prec,
-            "zero_stage": setup.engine.zero_optimization_stage(), "batch_per_device": per_device,
-            "micro_batch": setup.micro, "accum": setup.accum, "latent_shape": list(info.latent_shape),
-            "resolution": info.resolution,
-            "params_m": sum(getattr(p, "ds_numel", p.numel()) for p in setup.engine.module.parameters()) / 1e6,
+    return {"mode": "step", "data": args.data + (" + stored features" if plan.feature_names else ""),
+            "encoders": list(cfg.repa.encoders) if run.encoders else [], "precision": prec,
+            "zero_stage": run.engine.zero_optimization_stage(), "batch_per_device": per_device,
+            "micro_batch": plan.micro, "accum": plan.accum, "latent_shape": list(plan.data.latent_shape),
+            "resolution": plan.data.resolution,
+            "params_m": sum(getattr(p, "ds_numel", p.numel()) for p in run.engine.module.parameters()) / 1e6,
             "img_per_s_per_device": img_s, "ms_per_step_median": 1e3 * step_s,
             "ms_per_step_min": 1e3 * min(times), "ms_per_step_max": 1e3 * max(times),
             "peak_memory_gib": memory, "peak_memory_kind": memory_kind,
@@ -326,23 +308,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.features and args.data == "loader":
         raise SystemExit("core.bench: --features makes random features; with --data loader the dataset's stored "
                          "features are used when it has them (data_prep --features)")
-    task_name = args.task or ("t2i" if "t2i" in os.path.abspath(args.config) else "class_cond")
-    config_cls, task_cls = _task(task_name)
     try:
-        cfg = load_config(config_cls, args.config, args.overrides, check_data=args.data == "loader")
+        task_cls, cfg = load_task_config(args.config, args.overrides, check_data=args.data == "loader")
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
     if args.random_encoders:
         cfg.repa.encoders = [random_weights_spec(s) for s in cfg.repa.encoders]
     _require(_packages_for(cfg))
-    from core.dist import barrier, setup_distributed
-
     ctx = setup_distributed()
     cfg.run.dir = _scratch_dir(ctx)  # the benchmark writes no checkpoint; a generated set goes there
     try:
-        task = task_cls(cfg)
-        result = bench_loader(cfg, task, ctx, args) if args.loader_only else bench_step(cfg, task, ctx, args)
+        result = bench_loader(cfg, task_cls, ctx, args) if args.loader_only else bench_step(cfg, task_cls, ctx, args)
         barrier()
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
@@ -351,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         if ctx.is_main:
             shutil.rmtree(cfg.run.dir, ignore_errors=True)
     result = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "device": _device_name(ctx.device),
-              "world_size": ctx.world_size, "task": task_name, "preset": cfg.model.preset, "config": args.config,
+              "world_size": ctx.world_size, "task": task_cls.name, "preset": cfg.model.preset, "config": args.config,
               "overrides": args.overrides, "steps": args.steps, "warmup": args.warmup, "label": args.label,
               "command": "python -m core.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
               "torch": torch.__version__, "commit": _git_commit(), **result}

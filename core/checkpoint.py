@@ -1,5 +1,9 @@
 """Checkpoints of a run directory: written atomically, the last K kept, resumed by rerunning the same command.
 
+The Checkpointer owns when a run saves (every train.ckpt_every steps, at the end, and when Slurm's USR1 or a TERM
+arrives on any rank), keeping the last run.keep_last, restoring on start and exporting the EMA at the end, so the
+training loop only says "step done". What a checkpoint holds:
+
     run.dir/checkpoints/step_00001000/   DeepSpeed's model/optimizer files (one per ZeRO rank)
                                          ema.safetensors  (full model, EMA weights, float32)
                                          state.json       (step, config hash, counters, world size)
@@ -15,21 +19,30 @@ every step_* directory is complete by construction.
 Trust: DeepSpeed's own files are pickles, so a run directory is trusted input (see the README); our files are
 safetensors and JSON.
 """
+import argparse
 import base64
+import dataclasses
 import json
 import os
 import random
 import re
 import shutil
+import signal
+import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from tqdm import tqdm
 
-from core.config import save_config
-from core.dist import any_rank, barrier
+from core.config import ConfigError, config_changes, config_hash, save_config
+from core.dist import DistContext, any_rank, barrier, sum_over_ranks
 from core.fileio import atomic_path, write_json_atomic, write_text_atomic
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a checkpoint was written on a signal; rerun (or requeue) to continue
 
 TAG_RE = re.compile(r"^step_(\d{8,})$")
 
@@ -196,8 +209,6 @@ def check_state_dict(expected: dict, state: dict, source: str,
 def check_same_model(ckpt_dir: str, saved: dict | None, model: dict) -> None:
     """ConfigError unless the checkpoint's model record {"task", "kwargs"} is `model`'s. Same-shaped weights can
     mean another model (a preset's head count changed: 768 = 12 x 64 = 24 x 32), so shapes alone do not tell."""
-    from core.config import ConfigError
-
     if saved is None:  # a checkpoint from before models were recorded: nothing to compare
         return
     now = json.loads(json.dumps(model))  # tuples -> lists, as state.json holds them
@@ -212,12 +223,9 @@ def check_same_model(ckpt_dir: str, saved: dict | None, model: dict) -> None:
                           "a new run.dir")
 
 
-def load_checkpoint(ckpt_dir: str, engine, ema, rank: int, world_size: int, model: dict | None = None) -> dict:
-    """Restore model, optimizer, EMA and (same world size) this rank's RNG streams; returns state.json.
-    `model` ({"task", "kwargs"} of the model built) is checked against the checkpoint's record first."""
+def load_checkpoint(ckpt_dir: str, engine, ema, rank: int, world_size: int) -> dict:
+    """Restore model, optimizer, EMA and (same world size) this rank's RNG streams; returns state.json."""
     state = read_state(ckpt_dir)
-    if model is not None:
-        check_same_model(ckpt_dir, state.get("model"), model)
     root, tag = os.path.split(ckpt_dir)
     load_path, _ = engine.load_checkpoint(root, tag=tag)
     if load_path is None:
@@ -230,15 +238,145 @@ def load_checkpoint(ckpt_dir: str, engine, ema, rank: int, world_size: int, mode
     return state
 
 
+def check_resume_config(cfg, checkpoint: str) -> None:
+    """ConfigError unless `cfg` may resume `checkpoint`: the same trajectory settings (bookkeeping keys and options
+    added since, at their defaults, aside), or run.allow_config_change=true."""
+    if read_state(checkpoint).get("config_hash") == config_hash(cfg) or cfg.run.allow_config_change:
+        return
+    try:
+        with open(os.path.join(checkpoint, "config.yaml")) as f:
+            changes = config_changes(cfg, yaml.safe_load(f) or {})
+    except (OSError, yaml.YAMLError):
+        changes = [f"(its config.yaml is unreadable; config hash {config_hash(cfg)} differs)"]
+    if changes:
+        raise ConfigError(
+            f"{cfg.run.dir} holds a checkpoint of a run with a different config ({'; '.join(changes[:6])}"
+            f"{'; ...' if len(changes) > 6 else ''}; see {checkpoint}/config.yaml). Use another run.dir, or set "
+            "run.allow_config_change=true to resume anyway"
+        )
+
+
+def check_resume_world_size(checkpoint: str, world_size: int) -> None:
+    """ConfigError unless `checkpoint` was written by `world_size` ranks: DeepSpeed's ZeRO checkpoints hold one
+    optimiser partition per rank and load on the same data-parallel size only (found before any setup)."""
+    saved = read_state(checkpoint).get("world_size")
+    if saved is not None and saved != world_size:
+        raise ConfigError(
+            f"{checkpoint} was written by {saved} ranks and this run has {world_size}: DeepSpeed's ZeRO checkpoints "
+            f"resume on the same number of ranks (GPUs) only. Resume with {saved} ranks, or start a new run.dir"
+        )
+
+
+def find_resume(cfg, world_size: int) -> str | None:
+    """The checkpoint this run resumes from (the newest of run.dir), None for a new run; ConfigError if the config
+    or the number of ranks does not fit it (found before any setup)."""
+    checkpoint = latest_checkpoint(cfg.run.dir)
+    if checkpoint is not None:
+        check_resume_config(cfg, checkpoint)
+        check_resume_world_size(checkpoint, world_size)
+    return checkpoint
+
+
+# ----------------------------------------------------------------------------------------------------- the run
+
+
+@dataclass
+class RunState:
+    """What state.json holds: the position of the run (step and counters) and the identity of what it trains
+    (config hash, world size, the model's record {"task", "kwargs"}, the latent space, the data's identity)."""
+
+    config_hash: str
+    world_size: int
+    model: dict
+    latent: dict
+    data: dict
+    step: int = 0
+    skipped_steps: int = 0  # non-finite steps skipped (train.skip_nonfinite)
+    corrupt_samples: int = 0  # unreadable samples the loader passed over, all ranks
+    pending_corrupt: int = field(default=0, repr=False)  # this rank's, not yet summed over the ranks; not saved
+
+    def record(self) -> dict:
+        """The JSON of state.json (counters summed: call sum_counters on every rank first)."""
+        out = dataclasses.asdict(self)
+        del out["pending_corrupt"]
+        return out
+
+    def resumed(self, saved: dict) -> "RunState":
+        """This state at the position of a saved state.json: its step and counters; identity stays current."""
+        return dataclasses.replace(self, step=saved["step"], skipped_steps=saved.get("skipped_steps", 0),
+                                   corrupt_samples=saved.get("corrupt_samples", 0))
+
+    def sum_counters(self, device: torch.device) -> None:
+        """Add every rank's pending corrupt-sample count to the total (a collective: every rank calls it)."""
+        self.corrupt_samples += sum_over_ranks(self.pending_corrupt, device)
+        self.pending_corrupt = 0
+
+
+class PreemptionSignals:
+    """Records SIGUSR1 (Slurm's warning before the time limit) and SIGTERM (preemption); the Checkpointer saves and
+    asks the loop to stop at the next step. Installed first, so a signal during start-up cannot kill the job
+    un-requeued."""
+
+    def __init__(self):
+        self.received: int | None = None
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received = signum
+
+
+class Checkpointer:
+    """A run's checkpoints: restore on start, save after a step when due, export the EMA at the end.
+
+    Every rank calls every method (saves are collective). `every`: train.ckpt_every; `keep_last`: run.keep_last."""
+
+    def __init__(self, cfg, ctx: DistContext, signals: PreemptionSignals):
+        self.cfg, self.ctx, self.signals = cfg, ctx, signals
+        self.run_dir, self.every, self.keep_last = cfg.run.dir, cfg.train.ckpt_every, cfg.run.keep_last
+
+    def restore(self, checkpoint: str, engine, ema, state: RunState) -> RunState:
+        """Load `checkpoint` into the engine and the EMA (and this rank's RNG streams); `state` at its position."""
+        saved = load_checkpoint(checkpoint, engine, ema, self.ctx.rank, self.ctx.world_size)
+        if self.ctx.is_main:
+            tqdm.write(f"resumed from {checkpoint} at step {saved['step']}")
+        return state.resumed(saved)
+
+    def save(self, engine, ema, state: RunState) -> str:
+        state.sum_counters(self.ctx.device)
+        return save_checkpoint(self.run_dir, engine, ema, state.record(), self.cfg, self.ctx.rank, self.keep_last)
+
+    def step_done(self, engine, ema, state: RunState, done: bool) -> tuple[float, bool]:
+        """After an optimiser step: save if the cadence, the end of training or a signal on any rank asks for it.
+        Returns (seconds spent saving, whether the run stops now to be resumed: a signal arrived)."""
+        preempted = any_rank(self.signals.received is not None, self.ctx.device)
+        seconds = 0.0
+        if state.step % self.every == 0 or done or preempted:
+            t0 = time.perf_counter()
+            path = self.save(engine, ema, state)
+            seconds = time.perf_counter() - t0
+            if self.ctx.is_main:
+                tqdm.write(f"checkpoint {path} written in {seconds:.2f} s")
+        stop = preempted and not done
+        if stop and self.ctx.is_main:
+            tqdm.write(f"signal received: checkpoint at step {state.step} written, exiting to be resumed")
+        return seconds, stop
+
+    def export(self, state: RunState) -> None:
+        """The EMA weights of the newest checkpoint to run.dir/export/ema.safetensors (+ .json), on rank 0."""
+        if self.ctx.is_main:
+            out = export_ema(self.run_dir, os.path.join(self.run_dir, "export", "ema.safetensors"))
+            tqdm.write(f"training done at step {state.step}; EMA weights exported to {out}")
+
+
 # ---------------------------------------------------------------------------------------------------------- export
 
 
 def export_ema(run_dir: str, out_path: str, ckpt_dir: str | None = None) -> str:
     """Copy the EMA weights of a run's newest (or given) checkpoint to `out_path` (safetensors) and write
     `out_path` with .json: step, the model's task and constructor arguments, the latent space (autoencoder,
-    scale), the training data's identity (kind, resolution, text encoder) and the resolved config, so eval can rebuild the model without the training data. Returns out_path."""
-    import yaml
-
+    scale), the training data's identity (kind, resolution, text encoder) and the resolved config, so eval can
+    rebuild the model without the training data. Returns out_path."""
     ckpt_dir = ckpt_dir or latest_checkpoint(run_dir)
     if ckpt_dir is None:
         raise FileNotFoundError(f"run directory {run_dir!r} has no complete checkpoint to export")
@@ -256,8 +394,6 @@ def export_ema(run_dir: str, out_path: str, ckpt_dir: str | None = None) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import argparse
-
     p = argparse.ArgumentParser(description="Export a run's EMA weights to one safetensors file for eval.")
     p.add_argument("run_dir")
     p.add_argument("--out", required=True, help="output .safetensors path (a .json with config and step is written beside)")

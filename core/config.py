@@ -6,15 +6,22 @@ and returns an instance; any problem is a `ConfigError` naming the key and listi
 any model is built. `save_config` writes the fully resolved config back as YAML.
 """
 import dataclasses
+import difflib
 import hashlib
 import json
 import os
-import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from core.diffusion import beta_schedule
+from core.encoders import parse_encoder_spec
+from core.fileio import atomic_write
+from core.shards import read_manifest
 
 
 class ConfigError(ValueError):
@@ -36,15 +43,15 @@ class RunConfig:
 @dataclass
 class TrainConfig:
     max_steps: int = 400_000  # Sec. 4.1: SiT-XL/2 + REPA at 400K iterations
-    global_batch: int = 256  # App. C: batch 256
+    global_batch: int = 256  # App. D, Table 7: batch 256
     micro_batch: int = 0  # per-rank micro-batch; 0 = global_batch / world_size (no gradient accumulation)
-    lr: float = 1e-4  # App. C: AdamW, constant lr 1e-4, betas (0.9, 0.999), no weight decay
+    lr: float = 1e-4  # App. D: AdamW, constant lr 1e-4, betas (0.9, 0.999), no weight decay
     beta1: float = 0.9
     beta2: float = 0.999
     weight_decay: float = 0.0
-    grad_clip: float = 1.0  # App. C: max grad norm 1.0
-    ema_decay: float = 0.9999  # App. C: EMA 0.9999
-    cond_dropout: float = 0.1  # App. C: label (or caption) dropout 0.1 for classifier-free guidance
+    grad_clip: float = 1.0  # App. D: gradient clipping; the reference's train.py --max-grad-norm 1.0
+    ema_decay: float = 0.9999  # the reference's train.py: update_ema(decay=0.9999) every step
+    cond_dropout: float = 0.1  # the reference's train.py --cfg-prob 0.1: label (caption) dropout for CFG
     ds_config: str = "ds_configs/zero2.json"  # ZeRO stage, precision, offload; batch/clip/lr fields filled by code
     ckpt_every: int = 10_000
     log_every: int = 100
@@ -60,7 +67,7 @@ class RepaConfig:
     coeff: float = 0.5  # Sec. 4.1: lambda = 0.5; 0 trains the plain model (no projector, no encoder)
     depth: int = 8  # Sec. 4.1 / Table 2: align after block 8 (1-indexed)
     encoders: list[str] = field(default_factory=lambda: ["dinov2-b"])  # Sec. 4.1: DINOv2-B; NAME or NAME@path
-    projector_dim: int = 2048  # App. C: 3-layer MLP, width 2048
+    projector_dim: int = 2048  # App. D: 3-layer SiLU MLP; width 2048 in the reference's models/sit.py
     loss: str = "cosine"  # cosine (paper) or ntxent (Table 2 ablation)
     ntxent_temperature: float = 0.1
 
@@ -76,99 +83,87 @@ class ObjectiveConfig:
     beta_schedule: str = "linear"  # ddpm: DiT's linear betas 1e-4 .. 0.02 (scaled by 1000/T); or cosine (iDDPM)
 
 
+@dataclass
+class TaskConfig:
+    """The sections of every task's top-level config; a task's config (core/task.py) sets `task` to its name and
+    adds its `model` and `data` sections."""
+
+    task: str = ""
+    run: RunConfig = field(default_factory=RunConfig)
+    repa: RepaConfig = field(default_factory=RepaConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# Loading, overriding, validating
+# Loading, overriding, validating. OmegaConf's structured configs do the merging and type conversion (as lingua:
+# merge(structured(Config), file, command line)); the key checks before it and the mapping of its errors after it
+# keep the messages in our terms: the dotted key, the nearest valid key, the valid keys, the expected type.
 
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Return `value` converted to the annotated type `tp`, or raise ConfigError naming `key`."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError as err:
-                errors.append(str(err))
-        raise ConfigError(errors[0] if errors else f"{key}: cannot be {value!r}")
-    if origin is list:
-        (item_tp,) = typing.get_args(tp) or (Any,)
-        if isinstance(value, str):  # `repa.encoders=dinov2-b` on the command line
-            value = [value]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
-    if tp is Any:
-        return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value.replace("_", ""))
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "2e-4" as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
-    raise ConfigError(f"{key}: unsupported config type {_type_name(tp)}")
+_EXPECTED = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
 
 
 def _unknown_key(dotted: str, name: str, where: str, valid) -> ConfigError:
     """The error for an unknown key: names it, lists the valid keys of its section, suggests the closest."""
-    import difflib
-
     close = difflib.get_close_matches(name, list(valid), n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
     return ConfigError(f"unknown config key '{dotted}'{hint}; valid keys in {where}: {', '.join(sorted(valid))}")
 
 
-def _build(cls: type, data: Any, prefix: str) -> Any:
-    """Instantiate dataclass `cls` from a nested dict, checking every key against the fields."""
+def _checked(tree: Any, cls: type, prefix: str = "") -> dict:
+    """`tree` (a nested dict from YAML and overrides) with every key checked against dataclass `cls`, and the two
+    spellings OmegaConf would refuse accepted: a single string for a list (`repa.encoders=dinov2-b`) and an
+    integral number written as a float (`1.0e4` steps)."""
     where = prefix.rstrip(".") or "the top level"
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping of keys, got {data!r}")
+    if tree is None:
+        return {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{where}: expected a mapping of keys, got {tree!r}")
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = [k for k in data if k not in fields]
-    if unknown:
-        raise _unknown_key(f"{prefix}{unknown[0]}", unknown[0], where, fields)
-    kwargs = {}
-    for name, value in data.items():
-        tp = hints[name]
+    out = {}
+    for key, value in tree.items():
+        if key not in hints:
+            raise _unknown_key(f"{prefix}{key}", key, where, hints)
+        tp = hints[key]
         if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, value, f"{prefix}{name}.")
-        else:
-            kwargs[name] = _coerce(value, tp, f"{prefix}{name}")
-    return cls(**kwargs)
+            value = _checked(value, tp, f"{prefix}{key}.")
+        elif typing.get_origin(tp) is list and isinstance(value, str):
+            value = [value]
+        elif tp is int and isinstance(value, float) and value.is_integer():
+            value = int(value)
+        elif tp is str and isinstance(value, bool):  # OmegaConf would store 'True'
+            raise ConfigError(f"{prefix}{key}: expected a string, got {value!r}")
+        out[key] = value
+    return out
+
+
+def _field_type(cls: type, dotted: str) -> Any:
+    """The annotated type of `dotted` (e.g. "train.lr", "repa.encoders[0]") in dataclass `cls`, or None."""
+    tp: Any = cls
+    for part in dotted.split("."):
+        name, _, index = part.partition("[")
+        if not dataclasses.is_dataclass(tp):
+            return None
+        tp = typing.get_type_hints(tp).get(name)
+        if index and typing.get_origin(tp) is list:
+            (tp,) = typing.get_args(tp)
+    return tp
+
+
+def _value_at(tree: dict, dotted: str) -> Any:
+    node: Any = tree
+    for part in dotted.replace("]", "").replace("[", ".").split("."):
+        node = node[int(part)] if isinstance(node, list) else node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def _conversion_error(err: OmegaConfBaseException, cls: type, tree: dict) -> ConfigError:
+    """OmegaConf's error for a value of the wrong type, in our terms: "train.lr: expected a number, got 'fast'"."""
+    key = getattr(err, "full_key", None) or ""
+    expected = _EXPECTED.get(_field_type(cls, key)) if key else None
+    if expected is None:
+        return ConfigError(f"{key or 'config'}: {str(err).splitlines()[0]}")
+    return ConfigError(f"{key}: expected {expected}, got {_value_at(tree, key)!r}")
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any, cls: type) -> None:
@@ -176,10 +171,10 @@ def _set_dotted(tree: dict, dotted: str, value: Any, cls: type) -> None:
     parts = dotted.split(".")
     node, node_cls = tree, cls
     for depth, part in enumerate(parts):
-        fields = {f.name for f in dataclasses.fields(node_cls)}
-        if part not in fields:
-            raise _unknown_key(dotted, part, ".".join(parts[:depth]) or "the top level", fields)
-        tp = typing.get_type_hints(node_cls)[part]
+        hints = typing.get_type_hints(node_cls)
+        if part not in hints:
+            raise _unknown_key(dotted, part, ".".join(parts[:depth]) or "the top level", hints)
+        tp = hints[part]
         if depth == len(parts) - 1:
             if dataclasses.is_dataclass(tp):
                 raise ConfigError(f"'{dotted}' is a section; set one of its keys, e.g. {dotted}.<key>=...")
@@ -207,27 +202,37 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return parsed
 
 
+def read_yaml(path: str) -> dict:
+    """The mapping in YAML file `path`; ConfigError for a missing file, a !!python tag or a non-mapping."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} does not exist")
+    with open(path) as f:
+        try:
+            loaded = yaml.safe_load(f)  # plain data only: a !!python/object tag is refused, never constructed
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not a plain YAML config: {err}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return loaded or {}
+
+
 def load_config(cls: type, path: str | None = None, overrides: list[str] | tuple = (), check_data: bool = True) -> Any:
     """Read YAML `path` (optional), apply dot-list `overrides`, return a validated `cls` instance.
 
     Raises ConfigError for a missing file, unknown key, wrong type, or a failed `validate()` of the config;
     check_data=False skips the check that data.path is a prepared dataset (a benchmark on random batches).
     """
-    tree: dict = {}
-    if path is not None:
-        if not os.path.isfile(path):
-            raise ConfigError(f"config file {path!r} does not exist")
-        with open(path) as f:
-            try:
-                loaded = yaml.safe_load(f)  # plain data only: a !!python/object tag is refused, never constructed
-            except yaml.YAMLError as err:
-                raise ConfigError(f"{path}: not a plain YAML config: {err}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
-        tree = loaded or {}
+    tree = read_yaml(path) if path is not None else {}
     for key, value in parse_overrides(list(overrides)):
         _set_dotted(tree, key, value, cls)
-    cfg = _build(cls, tree, "")
+    own_task = getattr(cls, "task", None)  # a task's config: another task's keys would be refused one by one
+    if own_task and tree.get("task", own_task) != own_task:
+        raise ConfigError(f"task: {tree['task']!r} is not this config's task ({own_task!r})")
+    tree = _checked(tree, cls)
+    try:
+        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), tree))
+    except OmegaConfBaseException as err:
+        raise _conversion_error(err, cls, tree) from None
     if hasattr(cfg, "validate"):
         cfg.validate(check_data=check_data)
     return cfg
@@ -281,8 +286,6 @@ def _canonical(value: Any) -> str:
 
 def save_config(cfg: Any, path: str) -> None:
     """Write the resolved config as YAML, atomically (a crash leaves the old file or the new one)."""
-    from core.fileio import atomic_write
-
     with atomic_write(path) as f:
         yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
 
@@ -301,8 +304,6 @@ def check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
 
 def check_prepared_dataset(key: str, path: str, kind: str, producer: str) -> None:
     """ConfigError unless `path` (config key `key`) is a prepared dataset of manifest kind `kind`."""
-    from core.shards import read_manifest
-
     if not path:
         raise ConfigError(f"{key} is empty: name the prepared dataset directory ({producer} output)")
     if not os.path.isdir(path):
@@ -319,6 +320,21 @@ def check_block(key: str, depth: int, preset: str, blocks: int) -> None:
     """ConfigError unless the 1-indexed block `depth` exists in a model of `blocks` blocks."""
     if not 1 <= depth <= blocks:
         raise ConfigError(f"{key}={depth} is outside the {preset} model's blocks 1..{blocks}")
+
+
+def validate_task_config(cfg: Any, task: str, presets: dict, producer: str, check_data: bool) -> None:
+    """The checks of every task's config: its `task` name, the shared sections (validate_common), model.preset
+    among `presets` (each with its "depth"), data.kind, with data.kind=shards a dataset of kind `task` at data.path
+    (made by `producer`, unless not check_data), and repa.depth within the model's blocks."""
+    if cfg.task != task:
+        raise ConfigError(f"task: {cfg.task!r} is not this config's task ({task!r})")
+    validate_common(cfg)
+    check_choice("model.preset", cfg.model.preset, tuple(presets))
+    check_choice("data.kind", cfg.data.kind, ("shards", "synthetic"))
+    if cfg.data.kind == "shards" and check_data:
+        check_prepared_dataset("data.path", cfg.data.path, task, producer)
+    if cfg.repa.coeff > 0:
+        check_block("repa.depth", cfg.repa.depth, cfg.model.preset, presets[cfg.model.preset]["depth"])
 
 
 def validate_common(cfg: Any) -> None:
@@ -352,8 +368,6 @@ def validate_common(cfg: Any) -> None:
             raise ConfigError("repa.encoders is empty but repa.coeff > 0; name at least one encoder")
         if r.depth < 1:
             raise ConfigError(f"repa.depth must be >= 1 (1-indexed block), got {r.depth}")
-        from core.encoders import parse_encoder_spec
-
         for i, spec in enumerate(r.encoders):
             try:
                 parse_encoder_spec(spec)
@@ -378,8 +392,6 @@ def validate_common(cfg: Any) -> None:
             if value != default:  # DDPM has its own noise schedule: the setting would be silently ignored
                 raise ConfigError(f"objective.{key}={value} applies to objective.kind=transport only; "
                                   f"objective.kind=ddpm uses objective.beta_schedule")
-        from core.diffusion import beta_schedule
-
         try:
             beta_schedule(o.beta_schedule, o.diffusion_steps)
         except ValueError as err:

@@ -11,6 +11,8 @@ from typing import Callable
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
+from core.shards import ShardFormatError, decode_value
+
 log = logging.getLogger(__name__)
 
 # Errors that mean "this sample is unreadable" (truncated PNG, bad .npy, missing member), not a bug in our code.
@@ -89,8 +91,6 @@ def decode_training_sample(raw: dict, members: tuple[str, ...], need_image: bool
     """The members every task reads from a shard sample (FORMATS.md), after checking that the task's own
     `members` are there too: {"moments": (2C, h, w) float32, ["image": uint8 (3, H, W)], ["feats": tuple of (N, D)
     float32]}. Raises ShardFormatError naming a missing member."""
-    from core.shards import ShardFormatError, decode_value
-
     wanted = ("latent.npy", *members) + (("image.png",) if need_image else ()) + feature_keys
     missing = [k for k in wanted if k not in raw]
     if missing:

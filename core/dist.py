@@ -56,6 +56,7 @@ def setup_distributed() -> DistContext:
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(free_port()))
+    # DeepSpeed's import probes the accelerator and logs it: only processes that set up training import it
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 

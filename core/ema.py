@@ -9,7 +9,7 @@ def gathered(module: nn.Module):
     """Context in which every parameter of `module` is whole: a ZeRO-3 gather, else nothing."""
     params = list(module.parameters())
     if any(hasattr(p, "ds_id") for p in params):
-        import deepspeed
+        import deepspeed  # only ZeRO-3 parameters (they carry ds_id) need it; its import probes the accelerator
 
         return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
     return contextlib.nullcontext()

@@ -222,6 +222,7 @@ def load_encoders(specs: Union[str, Sequence[str]], resolution: int,
 
 def _build_dinov2(spec: str, entry: _Entry, source: Optional[str], resolution: int,
                  grid: Optional[int]) -> TargetEncoder:
+    # heavy (transformers): imported only when this model is built
     from transformers import Dinov2Config, Dinov2Model
     from transformers.utils.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
@@ -253,6 +254,7 @@ def _build_dinov2(spec: str, entry: _Entry, source: Optional[str], resolution: i
 
 def _build_clip(spec: str, entry: _Entry, source: Optional[str], resolution: int,
                  grid: Optional[int]) -> TargetEncoder:
+    # heavy (open_clip): imported only when this model is built
     from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
     from open_clip.model import CLIPVisionCfg, _build_vision_tower
 
@@ -270,6 +272,7 @@ def _build_clip(spec: str, entry: _Entry, source: Optional[str], resolution: int
 
 def _build_siglip(spec: str, entry: _Entry, source: Optional[str], resolution: int,
                  grid: Optional[int]) -> TargetEncoder:
+    # heavy (open_clip, timm): imported only when this model is built
     import open_clip
     import timm
     from open_clip.constants import INCEPTION_MEAN, INCEPTION_STD
@@ -297,6 +300,7 @@ def _open_clip_visual(spec: str, entry: _Entry, source: str):
     A local file is assumed to hold the default tag's weights (OpenAI CLIP: QuickGELU; SigLIP: webli).
     Returns (visual, mean, std, description).
     """
+    # heavy (open_clip): imported only when this model is built
     import open_clip
     from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
 
@@ -340,6 +344,7 @@ def _check_local_path(spec: str, source: str) -> None:
 
 def _resampled(pos: torch.Tensor, grid: int, num_prefix_tokens: int) -> nn.Parameter:
     """Position embeddings ((1,) N, D) with `num_prefix_tokens` leading non-spatial rows -> a grid x grid copy."""
+    # heavy (timm): imported only when an encoder is built
     from timm.layers import resample_abs_pos_embed
 
     batched = pos.dim() == 3  # transformers/timm store (1, N, D); open_clip stores (N, D)

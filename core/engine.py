@@ -46,7 +46,7 @@ def make_optimizer(params, train_cfg, ds: dict, device: torch.device) -> torch.o
     kw = dict(lr=train_cfg.lr, betas=(train_cfg.beta1, train_cfg.beta2), weight_decay=train_cfg.weight_decay)
     offload = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
     if offload == "cpu":
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
+        from deepspeed.ops.adam import DeepSpeedCPUAdam  # heavy, and JIT-builds its op: only under CPU offload
 
         return DeepSpeedCPUAdam(params, adamw_mode=True, **kw)
     return torch.optim.AdamW(params, fused=device.type == "cuda", **kw)
@@ -54,7 +54,7 @@ def make_optimizer(params, train_cfg, ds: dict, device: torch.device) -> torch.o
 
 def create_engine(model: torch.nn.Module, train_cfg, ds: dict, device: torch.device):
     """deepspeed.initialize with our optimiser; returns the engine (callable like the model)."""
-    import deepspeed
+    import deepspeed  # its import probes the accelerator and logs it: only where an engine is built
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, train_cfg, ds, device)
@@ -62,5 +62,8 @@ def create_engine(model: torch.nn.Module, train_cfg, ds: dict, device: torch.dev
     return engine
 
 
-def zero_stage(engine) -> int:
-    return engine.zero_optimization_stage()
+def apply_optimizer_settings(engine, train_cfg) -> None:
+    """Set lr, betas and weight decay of every param group from the config (after a restore, which brings back
+    the saved ones)."""
+    for group in engine.optimizer.param_groups:
+        group.update(lr=train_cfg.lr, betas=(train_cfg.beta1, train_cfg.beta2), weight_decay=train_cfg.weight_decay)

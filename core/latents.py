@@ -2,13 +2,14 @@
 pixel space-to-depth autoencoder.
 
 Shards store posterior moments (mean ‖ std along channels, float16). Training draws a fresh latent each step,
-z = (mean + std * eps) * scale + shift, with scale 0.18215 for SD-VAE (NOTES.md) and 1 for the pixel space.
+z = (mean + std * eps) * scale + shift, with scale 0.18215 for SD-VAE (the REPA reference's train.py and
+generate.py) and 1 for the pixel space.
 """
 import torch
 import torch.nn.functional as F
 
 SD_VAE_SCALE = 0.18215  # Rombach et al.; used by SiT/REPA with SD-VAE latents
-DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"  # NOTES.md: sd-vae-ft-ema for decoding
+DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"  # the REPA reference's generate.py decodes with sd-vae-ft-ema (--vae ema)
 
 
 def sample_latents(moments: torch.Tensor, generator: torch.Generator, scale: float, shift: float = 0.0) -> torch.Tensor:
@@ -62,7 +63,7 @@ class SDVAE:
     scale_factor = SD_VAE_SCALE
 
     def __init__(self, source: str = DEFAULT_VAE, device: str | torch.device = "cpu", vae=None):
-        from diffusers import AutoencoderKL
+        from diffusers import AutoencoderKL  # heavy (seconds to import): only when an SD-VAE is used
 
         self.id = source
         self.vae = (vae if vae is not None else AutoencoderKL.from_pretrained(source)).to(device).eval()

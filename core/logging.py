@@ -18,7 +18,7 @@ class MetricsLogger:
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self.tb = None
         if enabled and tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # imports tensorboard (heavy): only when enabled
 
             self.tb = SummaryWriter(os.path.join(run_dir, "tb"))
 

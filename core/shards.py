@@ -10,12 +10,15 @@ import errno
 import io
 import json
 import os
+import resource
 import tarfile
 import time
 from collections import OrderedDict
 
 import numpy as np
+from PIL import Image
 
+from core.encoders import parse_encoder_spec
 from core.fileio import atomic_write, write_json_atomic  # noqa: F401 (re-exported)
 
 FORMAT_VERSION = 1
@@ -37,8 +40,6 @@ def encode_value(ext: str, value) -> bytes:
         np.save(buf, np.asarray(value), allow_pickle=False)
         return buf.getvalue()
     if ext.endswith(".png"):
-        from PIL import Image
-
         buf = io.BytesIO()
         Image.fromarray(np.asarray(value, dtype=np.uint8)).save(buf, format="PNG")
         return buf.getvalue()
@@ -56,8 +57,6 @@ def decode_value(ext: str, data: bytes):
     if ext.endswith(".npy") or ext == "npy":
         return np.load(io.BytesIO(data), allow_pickle=False)
     if ext.endswith((".png", ".jpg", ".jpeg")) or ext in ("png", "jpg", "jpeg"):
-        from PIL import Image
-
         with Image.open(io.BytesIO(data)) as im:
             return np.asarray(im.convert("RGB"))
     if ext == "cls":
@@ -97,8 +96,6 @@ def feature_key(encoder_name: str) -> str:
 def feature_record(spec: str, tokens: int, dim: int) -> dict:
     """The manifest's entry for stored features of encoder `spec` ("NAME[@SOURCE]", as given): member
     feat_<NAME>.npy holds (tokens, dim) patch tokens."""
-    from core.encoders import parse_encoder_spec
-
     return {"name": parse_encoder_spec(spec)[0], "spec": spec.strip(), "tokens": int(tokens), "dim": int(dim)}
 
 
@@ -111,7 +108,6 @@ def stored_features(root: str, manifest: dict) -> dict[str, dict]:
     entries = manifest.get("features", [])
     if all(isinstance(e, dict) for e in entries):
         return {e["name"]: e for e in entries}
-    from core.encoders import parse_encoder_spec
 
     job_specs = {}
     try:
@@ -267,8 +263,6 @@ class ShardReader:
             f = open(path, "rb")
         except OSError as err:
             if err.errno in (errno.EMFILE, errno.ENFILE):
-                import resource
-
                 soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
                 raise OSError(err.errno, f"too many open files opening shard {path} (this process may open {soft}; "
                               f"the shard reader holds at most {self.max_open}, so something else holds the "

@@ -7,6 +7,8 @@ import math
 
 import torch
 
+from core.diffusion import GaussianDiffusion
+
 
 class Transport:
     """The SiT training objective: one swappable piece of the trainer (DiT's DDPM objective is another).
@@ -70,7 +72,5 @@ def build_objective(cfg):
     if cfg.kind == "transport":
         return Transport(cfg.path, cfg.time_sampling)
     if cfg.kind == "ddpm":
-        from core.diffusion import GaussianDiffusion
-
         return GaussianDiffusion.from_config(cfg)
     raise ValueError(f"objective.kind {cfg.kind!r} is not one of: {', '.join(OBJECTIVE_KINDS)}")

@@ -3,17 +3,18 @@
 Processes come from `accelerate launch` (or one plain `python -m` process): accelerate's PartialState gives the
 rank, the world size, the device and the barrier before the manifest.
 """
-import core  # noqa: F401  (torchvision import fix first)
 import argparse
 import logging
 import os
 import sys
 
 import torch
+from accelerate import PartialState
 
-from core.encoders import encoder_names
+from core.encoders import encoder_names, load_encoder, parse_encoder_spec
 from core.latents import DEFAULT_VAE, build_autoencoder, latent_layout
 from core.shards import feature_record
+from core.text_encoders import load_text_encoder
 from data_prep.pipeline import Job, Models, PrepError, check_job_record, prepare_rank
 
 log = logging.getLogger("data_prep")
@@ -57,8 +58,6 @@ def check_common(args) -> None:
     if getattr(args, "flip", False) and args.shard_size % 2:
         raise PrepError(f"--shard-size must be even with --flip (an image and its flip share a shard), "
                         f"got {args.shard_size}")
-    from core.encoders import parse_encoder_spec
-
     names = [parse_encoder_spec(spec)[0] for spec in args.features]  # ValueError listing the valid names
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
@@ -73,14 +72,10 @@ def check_common(args) -> None:
 
 
 def build_models(args, device, text_encoder: str = None, text_tokens: int = None) -> Models:
-    from core.encoders import load_encoder
-
     models = Models(build_autoencoder(args.vae, device))
     models.encoders = [(name, load_encoder(spec, args.resolution, device, grid=args.feature_grid))
                        for name, spec in zip(encoder_names(args.features), args.features)]
     if text_encoder:
-        from t2i.text_encoder import load_text_encoder
-
         models.text = load_text_encoder(text_encoder, device, tokens=text_tokens)
     return models
 
@@ -107,7 +102,6 @@ def run_job(job: Job, make_models, finish, single_process: bool = False) -> int:
         device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         rank, world, is_main, barrier = 0, 1, True, lambda: None
     else:
-        from accelerate import PartialState
 
         # cpu=True when there is no GPU: accelerate then joins the processes with gloo (its default expects CUDA)
         state = PartialState(cpu=not torch.cuda.is_available())

@@ -9,14 +9,16 @@ kept: member captions.json (K strings) and txt_emb.npy (K, L, D) float16 token e
 embedding is written once per dataset. The val split also writes the caption list for FID generation and the
 Inception statistics of the real val images at the dataset resolution (eval/fid.py).
 """
-import core  # noqa: F401  (torchvision import fix first)
 import os
 
 import numpy as np
+from pycocotools.coco import COCO
 
 from core.fileio import atomic_write, write_json_atomic
+from core.text_encoders import parse_text_encoder_spec
 from data_prep.cli import (build_models, check_common, common_parser, feature_records, job_features,
                           main_guard, run_job, spread)
+from data_prep.fid_ref import build_fid_extractor, write_fid_stats
 from data_prep.pipeline import Item, Job, PrepError, finish_manifest, log
 
 NULL_EMBEDDING = "empty_caption_emb.npy"  # float16 (L, D): the empty caption's embedding, the CFG null condition
@@ -30,8 +32,6 @@ def list_coco(images: str, captions: str) -> tuple[list, dict]:
         raise PrepError(f"--captions {captions!r}: no such annotation file (e.g. annotations/captions_train2014.json)")
     if not os.path.isdir(images):
         raise PrepError(f"--images {images!r} is not a directory")
-    from pycocotools.coco import COCO
-
     try:
         coco = COCO(captions)
     except (ValueError, KeyError, TypeError, AssertionError) as e:  # json.JSONDecodeError is a ValueError
@@ -57,7 +57,7 @@ def parser():
     p.add_argument("--captions", required=True, help="COCO captions file, e.g. annotations/captions_train2014.json")
     p.add_argument("--split", choices=("train", "val"), default=None,
                    help="val also writes the FID caption list and reference statistics (default: from the file name)")
-    p.add_argument("--text-encoder", default="clip-l", help="t2i/text_encoder.py spec (clip-l: CLIP ViT-L/14 text)")
+    p.add_argument("--text-encoder", default="clip-l", help="core/text_encoders.py spec (clip-l: CLIP ViT-L/14 text)")
     p.add_argument("--text-tokens", type=int, default=None,
                    help="keep the first L caption tokens (default: all, 77 for CLIP as App. K); short captions lose "
                         "nothing and the MMDiT's joint attention gets shorter")
@@ -71,8 +71,6 @@ def parser():
 
 
 def make_job(args) -> tuple[Job, dict]:
-    from t2i.text_encoder import parse_text_encoder_spec
-
     check_common(args)
     parse_text_encoder_spec(args.text_encoder)  # ValueError naming the valid forms, before any work
     if args.text_tokens is not None and not 1 <= args.text_tokens <= 77:
@@ -118,8 +116,6 @@ def main(argv=None, single_process: bool = False) -> int:
     job, counts = make_job(args)
     extractor, is_main = None, single_process or int(os.environ.get("RANK", "0")) == 0
     if args.split == "val" and args.fid_features != "none" and is_main:
-        from data_prep.fid_ref import build_fid_extractor
-
         extractor = build_fid_extractor(args.fid_features, args.inception_weights)  # fails fast, before the work
     if is_main:
         print(f"{args.captions}: {counts['images']} images, {counts['captions']} captions"
@@ -135,8 +131,6 @@ def main(argv=None, single_process: bool = False) -> int:
             extra["fid_captions"] = FID_CAPTIONS
             write_fid_captions(job, totals["skipped_files"])
             if extractor is not None:
-                from data_prep.fid_ref import write_fid_stats
-
                 extra["fid_stats"] = write_fid_stats(job, extractor, totals["skipped_files"])
         return extra
 

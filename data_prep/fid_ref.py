@@ -4,7 +4,6 @@ The statistics file is named after its extractor; a proxy extractor (an offline 
 labelled "proxy" in the file name, the manifest and the printed output, since its FIDs are not comparable to
 published ones.
 """
-import core  # noqa: F401  (torchvision import fix first)
 import os
 import re
 
@@ -12,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from data_prep.images import load_image
+from eval.fid import build_extractor, save_stats, stats_from_images
 from data_prep.pipeline import PrepError, _identity, log
 
 
@@ -23,11 +23,6 @@ def _device() -> torch.device:
 
 def build_fid_extractor(kind: str, weights=None, device=None):
     """eval.fid's extractor: "inception" (TensorFlow-Inception features, legacy_tensorflow) or "proxy"."""
-    try:
-        from eval.fid import build_extractor
-    except ImportError as e:
-        raise PrepError(f"eval/fid.py is not available ({e}); pass --fid-features none to skip the reference "
-                        "statistics") from None
     try:
         return build_extractor(kind=kind, mode="legacy_tensorflow", weights=weights, device=device or _device())
     except Exception as e:  # e.g. Inception weights that cannot be downloaded offline
@@ -70,8 +65,6 @@ def _batches(paths: list, size: int, crop: str, batch_size: int, workers: int):
 def write_fid_stats(job, extractor, skipped_files: dict) -> dict:
     """Statistics (mu, sigma) of the prepared val images -> job.out/<stats file>; returns the manifest entry.
     An existing file (written atomically) is kept, so a rerun does not recompute it."""
-    from eval.fid import save_stats, stats_from_images
-
     name = stats_file_name(extractor, job.resolution)
     path = os.path.join(job.out, name)
     paths = [it.path for it in job.items if it.path not in skipped_files]

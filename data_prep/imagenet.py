@@ -8,7 +8,6 @@ Class index = position of the class folder in the sorted folder names (for Image
 its extension ('.' replaced by '_'). Each image gets the ADM centre crop; --flip adds a mirrored copy as sample
 `<key>_flip` in the same shard.
 """
-import core  # noqa: F401  (torchvision import fix first)
 import os
 
 from data_prep.cli import (build_models, check_common, common_parser, feature_records, job_features,

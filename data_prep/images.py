@@ -6,7 +6,6 @@ REPA) and "uvit" (U-ViT's MS-COCO preprocessing, which the paper's text-to-image
 Bad inputs never raise here: `load_image` reports an unreadable or truncated file as a reason string, and a
 non-RGB file (CMYK, greyscale, palette, with alpha) as converted, naming its original mode.
 """
-import core  # noqa: F401  (torchvision import fix first)
 from dataclasses import dataclass
 from typing import Optional
 

@@ -11,7 +11,6 @@ writes the manifest last, from the sidecars, once every shard exists.
 `prep/job.json` records what the output was made from and with which options; a rerun that differs is refused,
 so an output directory never mixes two preparations.
 """
-import core  # noqa: F401  (torchvision import fix first)
 import hashlib
 import json
 import logging
@@ -82,7 +81,7 @@ class Models:
 
     autoencoder: object
     encoders: list = field(default_factory=list)  # [(name, TargetEncoder)]
-    text: object = None  # t2i.text_encoder.TextEncoder
+    text: object = None  # core.text_encoders.TextEncoder
     text_batch: int = 256
 
 

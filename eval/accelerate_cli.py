@@ -6,7 +6,6 @@ matching CUDA install it is identical to `accelerate`.
 """
 import sys
 
-import core  # noqa: F401  (applies the fix before accelerate's CLI imports timm/torchvision)
 from accelerate.commands.accelerate_cli import main
 
 if __name__ == "__main__":

@@ -12,8 +12,8 @@ import os
 import sys
 from typing import Optional
 
-import core  # noqa: F401
 import torch
+from accelerate import PartialState
 
 from eval.fid import add_metric_args, evaluate_samples
 from eval.generate import add_generation_args, generate, validate_generation_args
@@ -40,7 +40,6 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
     validate_generation_args(p, args)
     args.out = args.out or default_out(args)
     generate(args)
-    from accelerate import PartialState
 
     state = PartialState(cpu=not torch.cuda.is_available())
     try:

@@ -20,7 +20,6 @@ import os
 import sys
 from typing import Iterable, Iterator, Optional
 
-import core  # noqa: F401  (torchvision import fix before clean-fid)
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -28,6 +27,7 @@ from PIL import Image
 from torch import nn
 
 from core.fileio import WriteError, atomic_write, write_json_atomic
+from core.shards import ShardReader, decode_value
 
 INCEPTION_FILE = "inception-2015-12-05.pt"  # clean-fid's name for the TorchScript TF-Inception
 MODES = ("legacy_tensorflow", "clean")
@@ -68,6 +68,7 @@ class InceptionExtractor(FeatureExtractor):
     """clean-fid's TorchScript Inception-v3 (pool3, 2048-d; softmax over 1008 classes for IS)."""
 
     def __init__(self, mode: str = "legacy_tensorflow", weights: Optional[str] = None, device="cpu"):
+        # heavy (cleanfid): imported only when this model is built
         from cleanfid.inception_torchscript import InceptionV3W
 
         if mode not in MODES:
@@ -90,6 +91,7 @@ class InceptionExtractor(FeatureExtractor):
         _check_images(images)
         if self.mode == "legacy_tensorflow":
             return images.to(self.device, torch.float32)
+        # heavy (cleanfid imports torchvision and scipy): only where clean-mode resizing is used
         from cleanfid.resize import build_resizer
 
         resize = build_resizer("clean")
@@ -235,6 +237,7 @@ def load_stats(path: str) -> tuple[np.ndarray, np.ndarray]:
 
 def fid_from_stats(mu1: np.ndarray, s1: np.ndarray, mu2: np.ndarray, s2: np.ndarray) -> float:
     """Fréchet distance between N(mu1, s1) and N(mu2, s2) (clean-fid's implementation)."""
+    # heavy (cleanfid imports torchvision and scipy): only where a distance is computed
     from cleanfid.fid import frechet_distance
 
     if np.shape(mu1) != np.shape(mu2) or np.shape(s1) != np.shape(s2):
@@ -310,7 +313,6 @@ def iter_images(source: str, batch_size: int = 100, limit: Optional[int] = None)
 
 def _dataset_images(root: str, batch_size: int, limit: Optional[int]) -> Iterator[torch.Tensor]:
     """The image.png members of a prepared dataset (data_prep/FORMATS.md), flipped copies left out."""
-    from core.shards import ShardReader, decode_value
 
     reader = ShardReader(root)
     keep = [i for i, (_, key, exts) in enumerate(reader.entries) if not key.endswith("_flip") and "image.png" in exts]

@@ -18,25 +18,28 @@ seed, i): the same for any number of processes, any batch size, and after a resu
 command: indices whose PNG exists are skipped (PNGs are written to a temporary name and renamed).
 """
 import argparse
+import dataclasses
 import json
 import os
 import time
 import zipfile
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-import core  # noqa: F401  (torchvision import fix before diffusers/accelerate)
 import numpy as np
 import torch
+from accelerate import PartialState
 from PIL import Image
 from tqdm import tqdm
 
+from core.config import ConfigError, load_config
 from core.fileio import atomic_path, write_json_atomic
 from core.latents import build_autoencoder
-from core.transport import build_objective
+from core.task import Conditioner, get_task
+from core.transport import Transport, build_objective
 from eval.guidance import GuidedVelocity
 from eval.loading import load_eval_model, objective_config, resolve_weights
 from eval.samplers import ddim_sample, ddpm_sample, ode_sample, randn, sde_sample
-from eval.tasks import get_task
 
 SETTINGS_FILE = "generation.json"
 NPZ_FILE = "samples.npz"
@@ -80,13 +83,17 @@ def shard(num_samples: int, rank: int, world: int) -> range:
 
 
 class Generator:
-    """Samples images of a loaded model: `images(indices) -> uint8 (B, 3, H, W)`; see `settings` for what is used."""
+    """Samples images of a model: `images(indices) -> uint8 (B, 3, H, W)`; `settings` records what is used.
 
-    def __init__(self, source: str, sampler: Optional[str] = None, steps: int = 250, heun: bool = False,
-                 cfg: float = 1.0,
-                 guidance_interval: Sequence[float] = (0.0, 1.0), t_last: float = 0.04, seed: int = 0,
-                 vae: Optional[str] = None, cond_file: Optional[str] = None, device: torch.device | str = "cpu",
-                 precision: str = "fp32", compile: bool = False):
+    model, meta: from eval.loading.load_eval_model (or `Generator.load(source, ...)`). The conditions of sample
+    indices come from `conditioner` (core.task.Conditioner), else from the task of the model's record
+    (Task.conditioner with {"cond_file": cond_file}).
+    """
+
+    def __init__(self, model: torch.nn.Module, meta: dict, sampler: Optional[str] = None, steps: int = 250,
+                 heun: bool = False, cfg: float = 1.0, guidance_interval: Sequence[float] = (0.0, 1.0),
+                 t_last: float = 0.04, seed: int = 0, vae: Optional[str] = None, cond_file: Optional[str] = None,
+                 conditioner: Optional[Conditioner] = None, precision: str = "fp32", compile: bool = False):
         known = [name for names in SAMPLERS.values() for name in names]
         if sampler is not None and sampler not in known:
             raise ValueError(f"sampler must be one of {', '.join(known)}, got {sampler!r}")
@@ -95,22 +102,25 @@ class Generator:
         if heun and sampler != "ode":
             raise ValueError("--heun applies to the ODE sampler only")
         check_sampling_values(cfg, t_last)
-        self.device = torch.device(device)
-        self.model, self.meta = load_eval_model(source, self.device)
+        self.model, self.meta = model, meta
+        self.device = next(model.parameters()).device
         objective_cfg = objective_config(self.meta)
         sampler = pick_sampler(objective_cfg.kind, sampler)
-        self.path = objective_cfg.path  # the SDE's score from velocity follows the path the model was trained on
+        # the SDE's score from velocity follows the path the model was trained on
+        self.path = Transport(objective_cfg.path) if objective_cfg.kind == "transport" else None
         # ddpm/ddim run on the recorded diffusion respaced to `steps` (DiT: 250 of 1000)
         self.diffusion = build_objective(objective_cfg).respace(steps) if objective_cfg.kind == "ddpm" else None
         self.forward = torch.compile(self.model) if compile else self.model
-        self.task = get_task(self.meta["model"]["task"])
-        self.conditioner = self.task.make_conditioner(self.meta, {"cond_file": cond_file})
+        task_name = (self.meta.get("model") or {}).get("task")
+        if conditioner is None:
+            conditioner = get_task(task_name).conditioner(self.meta, {"cond_file": cond_file})
+        self.conditioner = conditioner
         latent = self.meta["latent"]
         self.autoencoder = build_autoencoder(vae or latent["autoencoder"], self.device)
         self.latent_shape = tuple(latent["shape"])
         self.precision = precision
         self.settings = {
-            "source": self.meta["source"], "step": self.meta["step"], "task": self.task.name,
+            "source": self.meta.get("source"), "step": self.meta.get("step"), "task": task_name,
             "objective": objective_cfg.kind, "path": objective_cfg.path if self.diffusion is None else None,
             "sampler": sampler, "steps": steps, "heun": heun, "cfg": cfg,
             "guidance_interval": list(guidance_interval),
@@ -119,6 +129,12 @@ class Generator:
             "conditions": getattr(self.conditioner, "protocol", None),  # how sample i's condition is chosen
             "nfe": 2 * steps - 1 if heun else steps,
         }
+
+    @classmethod
+    def load(cls, source: str, device: torch.device | str = "cpu", **settings) -> "Generator":
+        """A generator of the EMA model of `source` (run dir, step_* checkpoint or exported .safetensors)."""
+        model, meta = load_eval_model(source, torch.device(device))
+        return cls(model, meta, **settings)
 
     @torch.no_grad()
     def latents(self, indices: Sequence[int]) -> torch.Tensor:
@@ -140,7 +156,8 @@ class Generator:
         with autocast:
             if s["sampler"] == "ode":
                 return ode_sample(velocity, x1, s["steps"], heun=s["heun"])
-            return sde_sample(velocity, x1, s["steps"], gens, t_last=s["t_last"], path=self.path)
+            return sde_sample(velocity, x1, s["steps"], gens, t_last=s["t_last"],
+                              coefficients=self.path.alpha_sigma)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Scaled latents -> uint8 (B, 3, H, W): undo this run's scale/shift, then the autoencoder's own scale."""
@@ -212,11 +229,11 @@ def write_npz(out_dir: str, num_samples: int, labels: Optional[np.ndarray]) -> s
 
 def generate(args: argparse.Namespace) -> dict:
     """Run generation on this process's shard; rank 0 writes the .npz at the end. Returns the settings record."""
-    from accelerate import PartialState
 
     state = PartialState(cpu=not torch.cuda.is_available())  # else a CPU-only launch runs N copies of rank 0
-    gen = Generator(args.run, args.sampler, args.steps, args.heun, args.cfg, args.guidance_interval, args.t_last,
-                    args.seed, args.vae, args.cond_file, state.device, args.precision, args.compile)
+    gen = Generator.load(args.run, state.device, sampler=args.sampler, steps=args.steps, heun=args.heun,
+                         cfg=args.cfg, guidance_interval=args.guidance_interval, t_last=args.t_last, seed=args.seed,
+                         vae=args.vae, cond_file=args.cond_file, precision=args.precision, compile=args.compile)
     available = gen.conditioner.num_available
     if available is not None and args.num_samples > available:
         raise ValueError(f"--num-samples {args.num_samples} exceeds the {available} conditions available")
@@ -251,24 +268,66 @@ def generate(args: argparse.Namespace) -> dict:
     return settings
 
 
+SAMPLER_NAMES = ("ode", "sde", "ddpm", "ddim")
+
+
+@dataclass
+class SamplingPreset:
+    """The sampling settings of a paper result as data (configs/eval/*.yaml, `--preset FILE`): the defaults of
+    the command-line options of the same names, which override them. These defaults are the options' own."""
+
+    sampler: Optional[str] = None  # None: the objective's default (SAMPLERS)
+    steps: int = 250
+    heun: bool = False
+    cfg: float = 1.0
+    guidance_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])
+    t_last: float = 0.04
+    num_samples: int = 50000
+    seed: int = 0
+    precision: str = "fp32"
+
+    def validate(self, check_data: bool = True) -> None:
+        if self.sampler is not None and self.sampler not in SAMPLER_NAMES:
+            raise ConfigError(f"sampler: {self.sampler!r} is not one of: {', '.join(SAMPLER_NAMES)}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ConfigError(f"precision: {self.precision!r} is not one of: fp32, bf16")
+        if len(self.guidance_interval) != 2:
+            raise ConfigError(f"guidance_interval: expected [low, high], got {self.guidance_interval}")
+
+
+def apply_preset(p: argparse.ArgumentParser, argv: Optional[list[str]]) -> None:
+    """Make the values of `--preset FILE` (if given in argv) the parser's defaults; p.error naming a bad key."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset")
+    path = pre.parse_known_args(argv)[0].preset
+    if path:
+        try:
+            p.set_defaults(**dataclasses.asdict(load_config(SamplingPreset, path)))
+        except ConfigError as err:
+            p.error(f"--preset: {err}")
+
+
 def add_generation_args(p: argparse.ArgumentParser) -> None:
+    d = SamplingPreset()
     p.add_argument("--run", required=True, help="run directory, step_* checkpoint, or exported .safetensors (+ .json)")
-    p.add_argument("--sampler", choices=("ode", "sde", "ddpm", "ddim"), default=None,
+    p.add_argument("--preset", default=None, metavar="YAML",
+                   help="a paper's sampling settings as defaults, e.g. configs/eval/in256_sde250_cfg1.8.yaml")
+    p.add_argument("--sampler", choices=SAMPLER_NAMES, default=d.sampler,
                    help="SiT: sde (default) or ode; DiT (ddpm objective): ddpm (default) or ddim")
-    p.add_argument("--steps", type=int, default=250,
+    p.add_argument("--steps", type=int, default=d.steps,
                    help="ODE steps (NFE 50 in the paper), SDE steps (NFE 250), or DDPM/DDIM respaced steps (DiT: 250)")
-    p.add_argument("--heun", action="store_true", help="ODE: Heun's method (2N-1 model calls)")
-    p.add_argument("--cfg", type=float, default=1.0, help="guidance scale w (1 = no guidance)")
-    p.add_argument("--guidance-interval", type=float, nargs=2, default=(0.0, 1.0), metavar=("LOW", "HIGH"),
-                   help="apply guidance only where LOW <= t <= HIGH (t=1 noise; DiT: t = step / 1000); the "
-                        "paper: 0 0.7 with w 1.8")
-    p.add_argument("--t-last", type=float, default=0.04, help="SDE: last time before the noiseless jump to 0")
-    p.add_argument("--num-samples", type=int, default=50000)
+    p.add_argument("--heun", action="store_true", default=d.heun, help="ODE: Heun's method (2N-1 model calls)")
+    p.add_argument("--cfg", type=float, default=d.cfg, help="guidance scale w (1 = no guidance)")
+    p.add_argument("--guidance-interval", type=float, nargs=2, default=tuple(d.guidance_interval),
+                   metavar=("LOW", "HIGH"),
+                   help="apply guidance only where LOW <= t <= HIGH (t=1 noise; DiT: t = step / 1000)")
+    p.add_argument("--t-last", type=float, default=d.t_last, help="SDE: last time before the noiseless jump to 0")
+    p.add_argument("--num-samples", type=int, default=d.num_samples)
     p.add_argument("--batch-size", type=int, default=64, help="samples per process and batch")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--vae", default=None, help="autoencoder override: local AutoencoderKL path or hub id")
     p.add_argument("--cond-file", default=None, help="conditions file of tasks that need one (t2i captions)")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast for the model")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default=d.precision, help="bf16: autocast for the model")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
 
 
@@ -304,6 +363,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     add_generation_args(p)
     p.add_argument("--out", required=True, help="output directory (rerun the same command to resume)")
+    apply_preset(p, argv)
     args = p.parse_args(argv)
     validate_generation_args(p, args)
     generate(args)

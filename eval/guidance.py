@@ -86,7 +86,3 @@ def _broadcast(key: str, null: torch.Tensor, cond: torch.Tensor) -> torch.Tensor
         return null.expand_as(cond)
     raise ValueError(f"null condition {key!r} has batch {null.shape[0]}; expected 1 or {cond.shape[0]}")
 
-
-def null_class_labels(labels: torch.Tensor, num_classes: int) -> dict:
-    """The class-conditional null condition: every label replaced by `num_classes` (NOTES.md)."""
-    return {"y": torch.full_like(labels, num_classes)}

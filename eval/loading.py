@@ -1,7 +1,7 @@
 """EMA weights for evaluation, from a run directory, a checkpoint directory, or an exported .safetensors file.
 
 Every source yields the same record (`meta`): {"step", "model": {"task", "kwargs"}, "latent": {"autoencoder",
-"scale_factor", "shift", "shape"}, "objective", "source"}, which is what core.checkpoint writes in state.json and
+"scale_factor", "shift", "shape"}, "data" (the training data's identity), "objective", "source"}, which is what core.checkpoint writes in state.json and
 export .json; "objective" is the training config's objective section (config.yaml of a checkpoint, "config" of an
 export or import), SiT's transport when a record has none.
 """
@@ -10,11 +10,12 @@ import json
 import os
 
 import torch
+import yaml
 from torch import nn
 
 from core.checkpoint import check_state_dict, latest_checkpoint, load_weights, read_state
 from core.config import ObjectiveConfig
-from eval.tasks import get_task
+from core.task import get_task
 
 
 def resolve_weights(source: str) -> tuple[str, dict]:
@@ -26,8 +27,6 @@ def resolve_weights(source: str) -> tuple[str, dict]:
             weights, meta = os.path.join(ckpt, "ema.safetensors"), read_state(ckpt)
             config_path = os.path.join(ckpt, "config.yaml")
             if os.path.isfile(config_path):
-                import yaml
-
                 with open(config_path) as f:
                     meta["config"] = yaml.safe_load(f) or {}
         elif os.path.isfile(os.path.join(source, "export", "ema.safetensors")):
@@ -38,7 +37,7 @@ def resolve_weights(source: str) -> tuple[str, dict]:
         weights, meta_path = source, os.path.splitext(source)[0] + ".json"
         if not os.path.isfile(meta_path):
             raise FileNotFoundError(f"{source!r} has no {os.path.basename(meta_path)} beside it (written by "
-                                    "`python -m core.checkpoint RUN --out FILE` or eval.import_repa)")
+                                    "`python -m core.checkpoint RUN --out FILE` or class_cond.import_repa)")
         with open(meta_path) as f:
             meta = json.load(f)
     else:
@@ -49,7 +48,7 @@ def resolve_weights(source: str) -> tuple[str, dict]:
                              "re-export it with `python -m core.checkpoint RUN --out FILE`")
     objective = (meta.get("config") or {}).get("objective") or {}
     return weights, {"step": meta.get("step"), "model": meta["model"], "latent": meta["latent"],
-                     "objective": objective, "source": os.path.abspath(source)}
+                     "data": meta.get("data", {}), "objective": objective, "source": os.path.abspath(source)}
 
 
 def objective_config(meta: dict) -> ObjectiveConfig:

@@ -17,14 +17,16 @@ import math
 import sys
 from typing import Optional
 
-import core  # noqa: F401
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from core.diffusion import GaussianDiffusion, t_to_step
+from core.encoders import load_encoder
+from core.shards import ShardReader, decode_value
 from core.transport import Transport, build_objective
+from eval.loading import load_eval_model, objective_config, resolve_weights
 
 VAL_FRACTION = 0.2  # share of each class held out for the probe's validation accuracy
 PROBE_BATCH = 256  # probe mini-batch: ~8K rows in one full batch are one Adam step per epoch, which underfits
@@ -117,8 +119,6 @@ def stratified_split(labels: torch.Tensor, val_fraction: float = VAL_FRACTION,
 def probe_objective(meta: dict):
     """The objective whose noisy inputs a model of record `meta` was trained on: Transport (SiT, its path) or
     GaussianDiffusion (DiT's ddpm). Only class-conditional models (model(x, t, y)) are measured: ValueError else."""
-    from eval.loading import objective_config
-
     task = meta["model"]["task"]
     if task != "class_cond":
         raise ValueError(f"representation metrics need a class-conditional model, called as model(x, t, y) with the "
@@ -163,10 +163,6 @@ def dataset_features(run: str, data: str, encoder_spec: str, layer: int, t: floa
     """Pooled hidden states, pooled encoder features, labels and dataset positions ("index") of `num` samples of a
     prepared dataset drawn at random with `seed` (needs latent.npy, image.png and cls members; flipped copies left
     out). A model other than class-conditional is a ValueError (probe_objective)."""
-    from core.encoders import load_encoder
-    from core.shards import ShardReader, decode_value
-    from eval.loading import load_eval_model, resolve_weights
-
     objective = probe_objective(resolve_weights(run)[1])  # refuse before building anything
     reader = ShardReader(data)
     eligible = [i for i, (_, key, exts) in enumerate(reader.entries)

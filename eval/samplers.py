@@ -1,11 +1,13 @@
 """Samplers, pure functions of a model callable: ODE/SDE for the flow model (SiT, linear or cosine path),
-ancestral DDPM and DDIM for the discrete Gaussian diffusion (DiT, core.diffusion).
+ancestral DDPM and DDIM for the discrete Gaussian diffusion (DiT). They import nothing of this project: what they
+need of a path or a diffusion comes in as arguments.
 
-Conventions (NOTES.md, the REPA reference's generate.py): t = 1 is noise, t = 0 is data, x_t = alpha_t x0 +
-sigma_t eps on the transport's path (linear: alpha = 1 - t, sigma = t; or cosine, core.transport.Transport),
-`velocity(x, t) -> v` with x (B, ...) and t (B,); the loop runs in float64. Noise comes only from the explicit
-generator(s) passed in, so a sampler can be tested against a closed-form velocity with no network at all.
-The ODE needs no path (it integrates v); the SDE does (its score comes from v through the path's coefficients).
+Conventions (the REPA reference's generate.py and samplers.py): t = 1 is noise, t = 0 is data, x_t = alpha_t x0 +
+sigma_t eps, `velocity(x, t) -> v` with x (B, ...) and t (B,); the loop runs in float64. Noise comes only from the
+explicit generator(s) passed in, so a sampler can be tested against a closed-form velocity with no network at all.
+The ODE needs no path (it integrates v); the SDE does: its score comes from v through the path's coefficients
+`coefficients(t) -> (alpha_t, sigma_t, d alpha/dt, d sigma/dt)` (core.transport.Transport.alpha_sigma; the linear
+path alpha = 1 - t, sigma = t by default).
 
 Guidance is decided once per step, at the step's start t_cur, as the reference's euler/heun samplers: a velocity
 with `takes_guide_t = True` (eval.guidance.GuidedVelocity) is called as velocity(x, t, guide_t=t_cur) by Heun's
@@ -17,15 +19,21 @@ ddpm_sample and ddim_sample on an N-step respaced diffusion = N. The diffusion s
 `denoiser(x, t) -> [eps | v]` with t = s / T of the original step s (core.diffusion's time convention), so the
 guidance wrapper and its interval work unchanged.
 """
-from typing import Callable, Sequence, Union
+from typing import Any, Callable, Sequence, Union
 
 import torch
 
-from core.diffusion import GaussianDiffusion
-from core.transport import Transport
-
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Generators = Union[torch.Generator, Sequence[torch.Generator]]
+Coefficients = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
+# A discrete diffusion as ddpm_sample/ddim_sample use it (core.diffusion.GaussianDiffusion): num_timesteps, t_of,
+# p_mean_variance, predict_x0, alphas_cumprod, alphas_cumprod_prev.
+Diffusion = Any
+
+
+def linear_coefficients(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(alpha, sigma, d alpha, d sigma) of the linear path x_t = (1 - t) x0 + t eps (the paper's, Sec. 2)."""
+    return 1 - t, t, -torch.ones_like(t), torch.ones_like(t)
 
 
 def randn(shape: Sequence[int], generator: Generators, device, dtype=torch.float64) -> torch.Tensor:
@@ -66,31 +74,31 @@ def ode_sample(velocity: Velocity, x1: torch.Tensor, num_steps: int, heun: bool 
     return x.to(x1.dtype)
 
 
-def score_from_velocity(v: torch.Tensor, x: torch.Tensor, t: torch.Tensor, path: str = "linear") -> torch.Tensor:
+def score_from_velocity(v: torch.Tensor, x: torch.Tensor, t: torch.Tensor,
+                        coefficients: Coefficients = linear_coefficients) -> torch.Tensor:
     """Score of x_t = alpha_t x0 + sigma_t eps from its velocity (the reference's get_score_from_velocity):
     s = (r v - x) / (sigma^2 - r sigma d_sigma), r = alpha / d_alpha; for the linear path s = -((1 - t) v + x) / t.
 
-    v, x: (B, ...); t: () or (B,) with t > 0 (broadcast over x); path: "linear" or "cosine" (core.transport).
+    v, x: (B, ...); t: () or (B,) with t > 0 (broadcast over x); coefficients: the path's (module docstring).
     """
     t = t.view(-1, *([1] * (x.dim() - 1))) if t.dim() else t
-    alpha, sigma, d_alpha, d_sigma = Transport(path).alpha_sigma(t.to(torch.float64))
+    alpha, sigma, d_alpha, d_sigma = coefficients(t.to(torch.float64))
     ratio = alpha / d_alpha
     return (ratio * v - x) / (sigma**2 - ratio * d_sigma * sigma)
 
 
 def sde_sample(velocity: Velocity, x1: torch.Tensor, num_steps: int, generator: Generators,
-               t_last: float = 0.04, path: str = "linear") -> torch.Tensor:
+               t_last: float = 0.04, coefficients: Coefficients = linear_coefficients) -> torch.Tensor:
     """Euler–Maruyama on linspace(1, t_last, num_steps), then one noiseless step to t = 0 (the drift's mean).
 
     Diffusion coefficient g² = 2t for every path, as the reference (compute_diffusion): any g leaves the
-    marginals of x_t unchanged, only the score depends on the path. Drift d = v - ½·2t·score (score from v on
-    `path`, the path the model was trained on: "linear" or "cosine"), noise std sqrt(2t·|dt|).
+    marginals of x_t unchanged, only the score depends on the path. Drift d = v - ½·2t·score (score from v through
+    the `coefficients` of the path the model was trained on), noise std sqrt(2t·|dt|).
     x1: (B, ...) noise; generator: one torch.Generator, or one per sample. Returns x0 in x1's dtype. NFE = num_steps.
     """
     _check_steps(num_steps, minimum=2)
     if not 0.0 < t_last < 1.0:
         raise ValueError(f"t_last must be in (0, 1), got {t_last}")
-    Transport(path)  # an unknown path is an error before any model call
     ts = torch.linspace(1.0, t_last, num_steps, dtype=torch.float64, device=x1.device)
     ts = torch.cat([ts, ts.new_zeros(1)])
     x = x1.to(torch.float64)
@@ -99,7 +107,7 @@ def sde_sample(velocity: Velocity, x1: torch.Tensor, num_steps: int, generator: 
         dt = t_next - t_cur
         v = _v(velocity, x, t_cur)
         diffusion = 2.0 * t_cur
-        drift = v - 0.5 * diffusion * score_from_velocity(v, x, t_cur, path)
+        drift = v - 0.5 * diffusion * score_from_velocity(v, x, t_cur, coefficients)
         x = x + drift * dt
         if i < num_steps - 1:  # the last step, to t = 0, takes the mean only
             x = x + torch.sqrt(diffusion * dt.abs()) * randn(x.shape, generator, x.device)
@@ -111,14 +119,14 @@ def _check_steps(num_steps: int, minimum: int = 1) -> None:
         raise ValueError(f"num_steps must be an integer >= {minimum}, got {num_steps!r}")
 
 
-def _denoise(denoiser: Velocity, diffusion: GaussianDiffusion, x: torch.Tensor,
+def _denoise(denoiser: Velocity, diffusion: Diffusion, x: torch.Tensor,
              i: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(denoiser output in float64, the (B,) step index i) at step i of `diffusion`."""
     index = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
     return denoiser(x, diffusion.t_of(index)).to(torch.float64), index
 
 
-def ddpm_sample(denoiser: Velocity, x_T: torch.Tensor, diffusion: GaussianDiffusion,
+def ddpm_sample(denoiser: Velocity, x_T: torch.Tensor, diffusion: Diffusion,
                 generator: Generators) -> torch.Tensor:
     """Ancestral sampling x_{s-1} ~ p(x_{s-1} | x_s) over every step of `diffusion` (respace it for fewer steps).
 
@@ -133,7 +141,7 @@ def ddpm_sample(denoiser: Velocity, x_T: torch.Tensor, diffusion: GaussianDiffus
     return x.to(x_T.dtype)
 
 
-def ddim_sample(denoiser: Velocity, x_T: torch.Tensor, diffusion: GaussianDiffusion, eta: float = 0.0,
+def ddim_sample(denoiser: Velocity, x_T: torch.Tensor, diffusion: Diffusion, eta: float = 0.0,
                 generator: Generators | None = None) -> torch.Tensor:
     """DDIM (Song et al. 2021) over every step of `diffusion`:
     x_prev = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma^2) eps + sigma z,

@@ -1,1 +1,3 @@
-"""Text-to-image: MMDiT (joint text-image attention), caption encoders, the T2I task and its entry point."""
+"""Text-to-image: MMDiT (joint text-image attention), the T2I task, its conditioners and generated set, prompt
+sampling, the demo and the train entry point."""
+import core  # noqa: F401  (core/compat.py's torchvision fix, before any module of this package imports a user of it)

@@ -1,9 +1,23 @@
-"""The tiny text-to-image dataset: generated shapes in COCO format, prepared by the real data_prep.coco path."""
+"""Text-to-image data: the empty caption's stored embedding, and the tiny generated dataset (shapes in COCO
+format, prepared by the real data_prep.coco path)."""
 import os
 import subprocess
 import sys
 
+import numpy as np
+import torch
+
+from core.shards import ShardFormatError
+from data_prep import coco
 from t2i.shapes import make_shapes_coco
+
+
+def load_null_context(root: str, manifest: dict) -> torch.Tensor:
+    """The empty caption's token embeddings (L, D) float32, stored once per dataset (FORMATS.md)."""
+    name = manifest.get("null_text_embedding")
+    if not name or not os.path.isfile(os.path.join(root, name)):
+        raise ShardFormatError(f"dataset {root!r} has no empty-caption embedding (manifest 'null_text_embedding')")
+    return torch.from_numpy(np.load(os.path.join(root, name), allow_pickle=False).astype(np.float32))
 
 
 def prepare_coco_split(images: str, captions: str, out: str, resolution: int, text_encoder: str,
@@ -12,7 +26,7 @@ def prepare_coco_split(images: str, captions: str, out: str, resolution: int, te
     calling trainer's process group). Raises RuntimeError with data_prep's output if it fails."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    cmd = [sys.executable, "-m", "data_prep.coco", "--images", images, "--captions", captions, "--out", out,
+    cmd = [sys.executable, "-m", coco.__name__, "--images", images, "--captions", captions, "--out", out,
            "--resolution", str(resolution), "--split", split, "--text-encoder", text_encoder, "--vae", autoencoder,
            "--store-images", "--shard-size", "256", "--workers", "0", *extra]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)

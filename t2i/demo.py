@@ -23,6 +23,17 @@ import time
 
 import numpy as np
 
+from core.config import load_config
+from core.dist import free_port
+from core.logging import read_metrics
+from core.shards import read_manifest
+from eval.loading import load_eval_model
+from t2i.data import load_null_context, make_synthetic_t2i
+from t2i.evaluation import CaptionConditioner
+from t2i.sample import caption_grid, sample_images
+from t2i.shapes import colour_match
+from t2i.task import T2IConfig
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
 CONFIG = "configs/debug/t2i_tiny.yaml"
@@ -44,12 +55,11 @@ def run(cmd: list[str], log: list) -> float:
 
 
 def plot_losses(run_dir: str, path: str) -> None:
+    # heavy (matplotlib): imported only for the plot; the Agg backend must be chosen before pyplot is imported
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from core.logging import read_metrics
+    import matplotlib.pyplot as plt  # after use("Agg"), as matplotlib requires
 
     records = read_metrics(run_dir)
     steps = [r["step"] for r in records]
@@ -70,11 +80,6 @@ def load_samples(sample_dir: str) -> np.ndarray:
 
 def null_caption_samples(run_dir: str, val_dir: str, n: int, steps: int) -> np.ndarray:
     """Samples of the same model with every caption replaced by the empty one (the unconditional baseline)."""
-    from eval.loading import load_eval_model
-    from t2i.sample import sample_images
-    from t2i.task import load_null_context
-    from core.shards import read_manifest
-
     model, meta = load_eval_model(run_dir)
     null = load_null_context(val_dir, read_manifest(val_dir))
     return sample_images(model, meta, null[None].expand(n, -1, -1), null, "ode", steps, cfg=1.0, seed=1)
@@ -96,10 +101,6 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
 
     # 1-2: the generated COCO-format set through data_prep.coco (train and val), as the tiny config makes it
-    from core.config import load_config
-    from t2i.data import make_synthetic_t2i
-    from t2i.task import T2IConfig
-
     d = load_config(T2IConfig, os.path.join(REPO, CONFIG)).data
     if not os.path.isfile(os.path.join(data, "val", "manifest.json")):
         t0 = time.perf_counter()
@@ -111,18 +112,13 @@ def main(argv: list[str] | None = None) -> int:
     val = os.path.join(data, "val")
 
     # 3: training, two CPU ranks under the deepspeed launcher
-    from core.dist import free_port
-
     run([os.path.join(BIN, "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "t2i/train.py",
          "--config", CONFIG, f"run.dir={run_dir}", f"data.path={data}", f"train.max_steps={args.steps}",
          "train.log_every=50"], log)
 
     # 4-5: sampling with both samplers, proxy FID, colour match
-    from t2i.evaluation import CaptionConditioner
-    from t2i.sample import caption_grid, run_record
-    from t2i.shapes import colour_match
-
-    captions = CaptionConditioner(run_record(run_dir), {"cond_file": val}).captions(range(args.samples))
+    _, record = load_eval_model(run_dir)
+    captions = CaptionConditioner(record, {"cond_file": val}).captions(range(args.samples))
     metrics = {"training": {"steps": args.steps, "global_batch": 32, "ranks": 2},
                "text_tokens": d.synthetic_text_tokens,
                "note": "proxy_fid uses random-init features: it tracks this demo only and is not an FID"}

@@ -1,4 +1,4 @@
-"""The text-to-image task for eval.generate: MMDiT from a checkpoint record, captions of a prepared val split.
+"""Conditions for generating from a text-to-image model: COCO val captions (FID) and prompts (t2i.sample).
 
     accelerate launch -m eval.generate --run runs/coco --cond-file /data/coco256/val --sampler sde --steps 250 \
         --cfg 2.0 --num-samples 30000 --out samples/coco_sde
@@ -18,15 +18,14 @@ import numpy as np
 import torch
 
 from core.shards import ShardReader, decode_value, read_manifest
-from eval.tasks import EvalTask
-from t2i.mmdit import build_mmdit
-from t2i.task import load_null_context
+from t2i.data import load_null_context
 
 CAPTION_SEED = 0  # fixed: every evaluation of every run sees the same captions
 
 
 class CaptionConditioner:
-    """Conditions of sample indices from a prepared val split (options["cond_file"]: its directory)."""
+    """core.task.Conditioner over a prepared val split (options["cond_file"]: its directory) for a model of
+    record `meta`."""
 
     def __init__(self, meta: dict, options: dict):
         root = options.get("cond_file")
@@ -94,4 +93,24 @@ class CaptionConditioner:
         return None
 
 
-T2I_EVAL = EvalTask("t2i", build_model=build_mmdit, make_conditioner=CaptionConditioner)  # eval/tasks.py finds it
+class PromptConditioner:
+    """core.task.Conditioner of given caption embeddings: sample i is contexts[i] (N, L, D); the null condition is
+    the empty caption's `null` (L, D)."""
+
+    protocol = None
+
+    def __init__(self, contexts: torch.Tensor, null: torch.Tensor):
+        if contexts.dim() != 3 or null.shape != contexts.shape[1:]:
+            raise ValueError(f"prompt embeddings {tuple(contexts.shape)} and the empty caption's {tuple(null.shape)} "
+                             "must be (N, L, D) and (L, D)")
+        self.contexts, self.null_context = contexts.float(), null.float()
+        self.num_available = len(contexts)
+
+    def cond(self, indices: Sequence[int], device: torch.device) -> dict:
+        return {"context": self.contexts[list(indices)].to(device)}
+
+    def null(self, cond: dict) -> dict:
+        return {"context": self.null_context[None].to(cond["context"].device)}
+
+    def labels(self, indices: Sequence[int]):
+        return None

@@ -5,67 +5,44 @@
     python -m t2i.sample --run runs/coco --prompt-file prompts.txt --sampler sde --steps 250 --out grid.png
 
 Captions are encoded with the text encoder the run's data was prepared with (recorded in its checkpoints); the
-empty caption is the null condition. The samplers and the guidance wrapper are eval/'s.
+empty caption is the null condition. The images come from eval.generate's Generator with the prompts as its
+conditions (t2i.evaluation.PromptConditioner): the same seeding (sample i from (seed, i)), samplers and decode as
+every other generation.
 """
 import argparse
-import json
-import os
 import sys
+import textwrap
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw
 
-from core.latents import build_autoencoder
-from eval.guidance import GuidedVelocity
-from eval.loading import load_eval_model, objective_config, resolve_weights
-from eval.samplers import ode_sample, sde_sample
-
-
-def run_record(run: str) -> dict:
-    """The checkpoint record of a run dir / checkpoint / export, including the training data's identity."""
-    weights, meta = resolve_weights(run)
-    state_path = os.path.join(os.path.dirname(weights), "state.json")
-    record_path = state_path if os.path.isfile(state_path) else os.path.splitext(weights)[0] + ".json"
-    with open(record_path) as f:
-        return {**meta, "data": json.load(f).get("data", {})}
+from core.text_encoders import load_text_encoder
+from eval.generate import Generator
+from eval.loading import load_eval_model, objective_config
+from t2i.evaluation import PromptConditioner
 
 
 def sample_images(model, meta: dict, contexts: torch.Tensor, null_context: torch.Tensor, sampler: str = "ode",
                   steps: int = 50, cfg: float = 1.0, interval: tuple[float, float] = (0.0, 1.0), seed: int = 0,
                   heun: bool = False, batch_size: int = 64, vae: str | None = None) -> np.ndarray:
-    """uint8 images (N, H, W, 3) for caption embeddings `contexts` (N, L, D); sample i's noise comes from a
-    generator seeded by (seed, i), so an image does not depend on the batch it was drawn in."""
-    device = next(model.parameters()).device
+    """uint8 images (N, H, W, 3) of `model` (record `meta`) for caption embeddings `contexts` (N, L, D), with
+    `null_context` (L, D) the empty caption's; sample i's noise comes from (seed, i) (eval.generate)."""
     objective = objective_config(meta)
     if objective.kind != "transport":  # the ODE/SDE here integrate a velocity; DDPM models sample with eval.generate
         raise ValueError(f"t2i.sample draws from transport (velocity) models; this one was trained with "
                          f"objective.kind={objective.kind!r}")
-    c, h, w = meta["latent"]["shape"]
-    autoencoder = build_autoencoder(vae or meta["latent"]["autoencoder"], device)
-    out = []
-    for start in range(0, len(contexts), batch_size):
-        idx = range(start, min(start + batch_size, len(contexts)))
-        gens = [torch.Generator(device).manual_seed(seed * 1_000_003 + i) for i in idx]
-        x1 = torch.stack([torch.randn(c, h, w, generator=g, device=device) for g in gens])
-        ctx = contexts[idx.start:idx.stop].to(device)
-        velocity = GuidedVelocity(model, {"context": ctx}, {"context": null_context[None].to(device)}, cfg, interval)
-        if sampler == "ode":
-            x0 = ode_sample(velocity, x1, steps, heun=heun)
-        elif sampler == "sde":
-            x0 = sde_sample(velocity, x1, steps, gens, path=objective.path)  # the score depends on the path
-        else:
-            raise ValueError(f"sampler {sampler!r} is not one of: ode, sde")
-        latents = (x0.float() - meta["latent"].get("shift", 0.0))
-        out.append(autoencoder.decode(latents).permute(0, 2, 3, 1).cpu().numpy())
-    return np.concatenate(out)
+    if sampler not in ("ode", "sde"):
+        raise ValueError(f"sampler {sampler!r} is not one of: ode, sde")
+    gen = Generator(model, meta, sampler, steps, heun, cfg, interval, seed=seed, vae=vae,
+                    conditioner=PromptConditioner(contexts, null_context))
+    out = [gen.images(range(start, min(start + batch_size, len(contexts))))
+           for start in range(0, len(contexts), batch_size)]
+    return torch.cat(out).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def caption_grid(images: np.ndarray, captions: list[str], columns: int = 8, scale: int = 2):
-    """A PIL image: the samples in a grid, each with its caption underneath (wrapped)."""
-    import textwrap
-
-    from PIL import Image, ImageDraw
-
+def caption_grid(images: np.ndarray, captions: list[str], columns: int = 8, scale: int = 2) -> Image.Image:
+    """The samples in a grid, each with its caption underneath (wrapped)."""
     n, h, w, _ = images.shape
     cell_w = max(w * scale, 160)
     lines = [textwrap.wrap(c, width=cell_w // 6)[:4] for c in captions]
@@ -102,12 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cfg", type=float, default=2.0, help="guidance scale w (App. K: 2.0)")
     p.add_argument("--guidance-interval", type=float, nargs=2, default=(0.0, 1.0), metavar=("LOW", "HIGH"))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--text-encoder", help="override the run's text encoder spec (t2i/text_encoder.py)")
+    p.add_argument("--text-encoder", help="override the run's text encoder spec (core/text_encoders.py)")
     p.add_argument("--vae", help="override the autoencoder (e.g. a local sd-vae-ft-ema path)")
     p.add_argument("--out", required=True, help="PNG grid to write")
     args = p.parse_args(argv)
-    from t2i.text_encoder import load_text_encoder
-
     try:
         prompts = read_prompts(args.prompt, args.prompt_file)
     except (OSError, ValueError) as err:
@@ -115,12 +90,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, meta = load_eval_model(args.run, device)
-    record = run_record(args.run)
-    spec = args.text_encoder or record["data"].get("text_encoder")
+    spec = args.text_encoder or meta["data"].get("text_encoder")
     if not spec:
         print("error: the run records no text encoder; pass --text-encoder", file=sys.stderr)
         return 2
-    tokens = record["data"].get("text_embedding", {}).get("shape", [None])[0]  # the L the model was trained on
+    tokens = meta["data"].get("text_embedding", {}).get("shape", [None])[0]  # the L the model was trained on
     text = load_text_encoder(spec, device, tokens=tokens)
     with torch.no_grad():
         contexts, null = text.encode(prompts).float(), text.encode([""])[0].float()

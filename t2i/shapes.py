@@ -9,6 +9,7 @@ import json
 import os
 
 import numpy as np
+from PIL import Image
 
 COLOURS = {"red": (215, 40, 40), "green": (40, 170, 60), "blue": (45, 70, 215), "yellow": (235, 205, 35)}
 SHAPES = ("circle", "square", "triangle")
@@ -59,7 +60,6 @@ def make_shapes_coco(root: str, split: str, num_images: int, resolution: int = 3
     img_dir, ann_dir = os.path.join(root, split), os.path.join(root, "annotations")
     os.makedirs(img_dir, exist_ok=True)
     os.makedirs(ann_dir, exist_ok=True)
-    from PIL import Image
 
     images, annotations, names = [], [], list(COLOURS)
     for i in range(num_images):

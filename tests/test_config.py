@@ -125,4 +125,28 @@ def test_presets_load(name, tmp_path):
 
     make_synthetic_class_cond(str(tmp_path), 4, 2, 32)
     cfg = load(f"data.path={tmp_path}", path=os.path.join(REPO, "configs", "class_cond", name))
-    assert cfg.train.global_batch == 256 and cfg.train.lr == 1e-4  # App. C
+    assert cfg.train.global_batch == 256 and cfg.train.lr == 1e-4  # App. D, Table 7
+
+
+def test_the_yaml_names_its_task(tmp_path):
+    """core.train reads the task from the YAML; an alias entry point refuses another task's config."""
+    from class_cond.task import ClassCondTask
+    from core.task import get_task, load_task_config, task_names
+    from t2i.task import T2ITask
+
+    assert task_names() == ["class_cond", "t2i"] and get_task("t2i") is T2ITask
+    task, cfg = load_task_config(TINY)
+    assert task is ClassCondTask and isinstance(cfg, ClassCondConfig) and cfg.task == "class_cond"
+    t2i_yaml = os.path.join(REPO, "configs", "debug", "t2i_tiny.yaml")
+    assert load_task_config(t2i_yaml)[0] is T2ITask
+    with pytest.raises(ConfigError, match="is a 't2i' config, and this entry point trains 'class_cond' models"):
+        load_task_config(t2i_yaml, default_task="class_cond")
+    with pytest.raises(ConfigError, match=r"task: unknown task 'video'; registered tasks: class_cond, t2i"):
+        load_task_config(TINY, ["task=video"])
+    with pytest.raises(ConfigError, match=r"task: 't2i' is not this config's task \('class_cond'\)"):
+        load_config(ClassCondConfig, t2i_yaml)
+    bare = tmp_path / "bare.yaml"
+    bare.write_text(yaml.safe_dump({k: v for k, v in yaml.safe_load(open(TINY)).items() if k != "task"}))
+    with pytest.raises(ConfigError, match="names no task: add `task: <name>` \\(class_cond, t2i\\)"):
+        load_task_config(str(bare))
+    assert load_task_config(str(bare), default_task="class_cond")[1].task == "class_cond"  # an older YAML

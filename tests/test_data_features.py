@@ -12,7 +12,8 @@ from class_cond.task import ClassCondConfig
 from conftest import REPO, run_train
 from core.config import ConfigError, load_config
 from core.shards import feature_record, read_manifest, shard_name, write_manifest, write_shard
-from core.trainer import DataInfo, data_needs
+from core.task import DataInfo
+from core.trainer import data_needs
 
 S, B = "dinov2-s", "dinov2-s@random"  # one encoder name, two sources of weights (384 wide)
 

@@ -1,6 +1,5 @@
 """data_prep: ADM crop, bad inputs, ImageNet shards (counts, shapes, determinism, crash-and-rerun, two processes),
 and the class-conditional trainer reading them. Generated ImageNet-style trees with real JPEGs, CPU, seconds."""
-import core  # noqa: F401
 import filecmp
 import json
 import os

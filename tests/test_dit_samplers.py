@@ -1,13 +1,13 @@
 """DDPM and DDIM samplers with the exact eps (and reverse variance) of Gaussian data; DiT guidance semantics."""
 import math
 
-import core  # noqa: F401
 import pytest
 import torch
 from torch import nn
 
 from core.diffusion import GaussianDiffusion, beta_schedule, t_to_step
-from eval.guidance import GuidedVelocity, null_class_labels
+from class_cond.task import null_labels
+from eval.guidance import GuidedVelocity
 from eval.samplers import ddim_sample, ddpm_sample
 
 MU = torch.tensor([1.5, -0.5, 0.0, 2.0], dtype=torch.float64)
@@ -104,7 +104,7 @@ def test_dit_guidance_guides_eps_keeps_conditional_variance_and_feeds_the_step()
     x = torch.randn(3, 4, 2, 2, dtype=torch.float64)
     y = torch.tensor([0, 1, 2])
     t = torch.tensor([0.9, 0.5, 0.1], dtype=torch.float64)  # steps 900, 500, 100
-    g = GuidedVelocity(model, {"y": y}, null_class_labels(y, 5), scale=3.0, interval=(0.0, 0.7),
+    g = GuidedVelocity(model, {"y": y}, null_labels(y, 5), scale=3.0, interval=(0.0, 0.7),
                        model_time=BASE.model_step, keep_sigma=True)
     out = g(x, t)
     assert model.steps[-1].tolist() == [900.0, 500.0, 100.0] * 2  # cond and uncond halves in one forward
@@ -116,7 +116,7 @@ def test_dit_guidance_guides_eps_keeps_conditional_variance_and_feeds_the_step()
     assert torch.allclose(out[1:, :4], u[1:, :4] + 3.0 * (c[1:, :4] - u[1:, :4]), atol=1e-5)
     assert torch.allclose(out[1:, 4:], c[1:, 4:], atol=1e-6)  # the variance channels stay conditional
     with pytest.raises(ValueError, match="keep_sigma needs a learned-sigma model"):
-        GuidedVelocity(lambda_model(), {"y": y}, null_class_labels(y, 5), keep_sigma=True)(x, t)
+        GuidedVelocity(lambda_model(), {"y": y}, null_labels(y, 5), keep_sigma=True)(x, t)
 
 
 def lambda_model():

@@ -1,5 +1,4 @@
 """Frozen REPA target encoders: preprocessing, token shapes, freezing, determinism, the width table, errors."""
-import core  # noqa: F401 - torchvision import fix, before open_clip/timm/transformers
 
 import open_clip
 import pytest

@@ -1,7 +1,6 @@
 """eval.evaluate: generate then score, proxy features against a prepared dataset's images."""
 import json
 
-import core  # noqa: F401
 import pytest
 
 from class_cond.data import make_synthetic_class_cond

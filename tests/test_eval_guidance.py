@@ -1,11 +1,11 @@
 """Classifier-free guidance wrapper: one batched forward, the interval per sample, labels and text alike."""
-import core  # noqa: F401
 import pytest
 import torch
 from torch import nn
 
 from class_cond.models import build_model
-from eval.guidance import GuidedVelocity, null_class_labels
+from class_cond.task import null_labels
+from eval.guidance import GuidedVelocity
 from eval.samplers import ode_sample
 
 
@@ -23,7 +23,7 @@ def test_class_guidance_equals_formula_inside_interval_and_conditional_outside()
     x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
     y = torch.tensor([0, 1, 2, 3])
     t = torch.tensor([0.1, 0.5, 0.75, 0.9], dtype=torch.float64)
-    vel = GuidedVelocity(model, {"y": y}, null_class_labels(y, 5), scale=3.0, interval=(0.2, 0.75))
+    vel = GuidedVelocity(model, {"y": y}, null_labels(y, 5), scale=3.0, interval=(0.2, 0.75))
     out = vel(x, t)
     with torch.no_grad():
         v_c = model(x.float(), t.float(), y)[0].double()
@@ -40,10 +40,10 @@ def test_scale_one_and_all_outside_interval_need_no_doubling():
     model = _sit()
     x = torch.randn(3, 3, 8, 8)
     y = torch.tensor([0, 1, 2])
-    plain = GuidedVelocity(model, {"y": y}, null_class_labels(y, 5), scale=1.0)
+    plain = GuidedVelocity(model, {"y": y}, null_labels(y, 5), scale=1.0)
     plain(x, torch.full((3,), 0.5))
     assert plain.rows == 3
-    outside = GuidedVelocity(model, {"y": y}, null_class_labels(y, 5), scale=4.0, interval=(0.0, 0.7))
+    outside = GuidedVelocity(model, {"y": y}, null_labels(y, 5), scale=4.0, interval=(0.0, 0.7))
     ode_sample(outside, x, 10)  # t = 1.0 .. 0.1: 3 steps above 0.7 go conditional-only
     assert outside.forwards == 10 and outside.rows == 3 * 3 + 7 * 6
 
@@ -52,7 +52,7 @@ def test_learned_sigma_output_is_cut_to_the_latent_channels():
     model = _sit(learn_sigma=True)
     x = torch.randn(2, 3, 8, 8)
     y = torch.tensor([1, 4])
-    out = GuidedVelocity(model, {"y": y}, null_class_labels(y, 5), scale=2.0)(x, torch.full((2,), 0.3))
+    out = GuidedVelocity(model, {"y": y}, null_labels(y, 5), scale=2.0)(x, torch.full((2,), 0.3))
     with torch.no_grad():
         full_c = model(x, torch.full((2,), 0.3), y)[0]
         full_u = model(x, torch.full((2,), 0.3), torch.full_like(y, 5))[0]
@@ -112,7 +112,7 @@ def test_heun_corrector_takes_the_guidance_decision_of_the_step_start():
     heun sampler, the step 0.7 -> 0.6 is unguided at both of its evaluations, the step 0.6 -> 0.5 guided at both."""
     model = LabelModel()
     y = torch.zeros(2, dtype=torch.long)
-    vel = GuidedVelocity(model, {"y": y}, null_class_labels(y, 1000), scale=2.0, interval=(0.0, 0.65))
+    vel = GuidedVelocity(model, {"y": y}, null_labels(y, 1000), scale=2.0, interval=(0.0, 0.65))
     x0 = ode_sample(vel, torch.zeros(2, 1, 1, 1, dtype=torch.float64), 10, heun=True)
     # guided v = 1000 + 2 (0 - 1000) = -1000 on the 6 steps starting at t_cur <= 0.6, each of dt = -0.1
     assert torch.allclose(x0, torch.full_like(x0, 600.0))

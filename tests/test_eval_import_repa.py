@@ -1,18 +1,18 @@
 """Import of official REPA checkpoints: architecture inference, strict keys, outputs, export for generation."""
 import argparse
 import json
+import os
 import re
 
-import core  # noqa: F401
 import pytest
 import torch
 from torch import nn
 
 from class_cond.models import build_sit
-from eval.import_repa import check_keys, infer_sit_kwargs, load_repa_checkpoint, main
+from class_cond.import_repa import check_keys, infer_sit_kwargs, load_repa_checkpoint, main
 from eval.loading import load_eval_model, objective_config, resolve_weights
 
-KEYS_FILE = "/work/shared/reference/repa_sit_keys.txt"
+KEYS_FILE = os.path.join(os.path.dirname(__file__), "data", "repa_sit_xl2_keys.txt")  # official SiT-XL/2 (see header)
 SMALL = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=48, depth=2, num_heads=6, num_classes=5,
              repa_depth=1, encoder_dims=(16,), projector_dim=32)
 
@@ -76,7 +76,7 @@ def test_strict_key_check_names_the_first_mismatch(tmp_path):
 
 
 def test_reference_sit_xl2_key_list_maps_onto_our_model():
-    """The published SiT-XL/2+REPA key list (NOTES.md) infers XL/2 and matches our state dict, on the meta device."""
+    """The official SiT-XL/2+REPA state-dict keys (tests/data/repa_sit_xl2_keys.txt) infer XL/2 and matches our state dict, on the meta device."""
     state = {}
     for line in open(KEYS_FILE):
         if line.startswith("#") or not line.strip():

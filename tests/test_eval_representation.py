@@ -2,7 +2,6 @@
 import json
 import math
 
-import core  # noqa: F401
 import pytest
 import torch
 

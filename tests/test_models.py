@@ -18,7 +18,7 @@ from core.layers import (
     unpatchify,
 )
 
-REFERENCE_KEYS = Path("/work/shared/reference/repa_sit_keys.txt")
+REFERENCE_KEYS = Path(__file__).parent / "data" / "repa_sit_xl2_keys.txt"  # the official SiT-XL/2's (header: source)
 NUM_CLASSES = 10
 # 8x8 latents, patch 2 -> 16 tokens; two encoders of different widths.
 H = SIT_PRESETS["tiny"]["hidden_size"]
@@ -305,9 +305,9 @@ def test_class_cond_task_checks_labels_before_they_reach_the_device():
     from class_cond.task import ClassCondConfig, ClassCondTask
     from conftest import TINY as TINY_YAML
     from core.config import load_config
+    from core.task import DataInfo
 
-    task = ClassCondTask(load_config(ClassCondConfig, TINY_YAML))
-    task.num_classes = 3
+    task = ClassCondTask(load_config(ClassCondConfig, TINY_YAML), DataInfo("(labels only)", {"num_classes": 3}))
     with pytest.raises(ValueError, match=r"\[5\] out of range \[0, 3\]"):
         task.condition({"label": torch.tensor([0, 5])}, torch.zeros(2, dtype=torch.bool), torch.device("cpu"))
     # off the host the embedder reads no label values (on a GPU that would stall every step)

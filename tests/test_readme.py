@@ -18,7 +18,7 @@ NOT_RUN = {
     "accelerate launch -m data_prep": "raw ImageNet/COCO under /data (tests/test_data_prep*.py run the same code)",
     "accelerate launch -m eval": "a trained COCO/ImageNet model and 30K-50K samples (tests/test_eval_*.py)",
     "python -m eval.fid samples/coco_sde": "the COCO samples of the command before it",
-    "python -m eval.import_repa SiT-XL-2-256.pt": "the official checkpoint (tests/test_eval_import_repa.py)",
+    "python -m class_cond.import_repa SiT-XL-2-256.pt": "the official checkpoint (tests/test_eval_import_repa.py)",
     "sbatch": "a Slurm cluster (tests/test_slurm.py starts one and submits these scripts)",
     "CONFIG=": "a Slurm cluster (tests/test_slurm.py)",
 }
@@ -26,7 +26,7 @@ NOT_RUN = {
 STAND_INS = {"runs/coco": "t2i_tiny", "runs/x": "tiny"}
 TRAIN_SHORT = ["train.max_steps=3", "train.ckpt_every=3", "train.log_every=1", "train.num_workers=0",
                "data.synthetic_samples=64", "train.tensorboard=false"]
-TRAIN_ENTRIES = ("t2i/train.py", "class_cond/train.py", "-m class_cond.train", "-m t2i.train")
+TRAIN_ENTRIES = ("t2i/train.py", "class_cond/train.py", "-m core.train", "--module core.train")
 
 
 def readme_commands() -> list[str]:
@@ -70,7 +70,7 @@ def test_every_readme_command_is_run_or_has_a_reason():
     commands = readme_commands()
     assert len(commands) > 20, "the README's bash blocks were not found"
     run = [c for c in commands if runnable(c)]
-    known = ("deepspeed --num_gpus 2", "torchrun", "python -m class_cond.train", "python -m t2i.sample",
+    known = ("deepspeed --num_gpus 2", "torchrun", "python -m core.train", "python -m t2i.sample",
              "python -m core.checkpoint", "python -m core.bench", "python -m core.bench_suite")
     unknown = [c for c in run if not c.startswith(known)]
     assert not unknown, f"README commands neither run by this test nor listed in NOT_RUN: {unknown}"

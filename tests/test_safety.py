@@ -52,7 +52,7 @@ def marker(tmp_path):
 
 
 def test_official_checkpoint_loader_refuses_arbitrary_objects(tmp_path, marker):
-    from eval.import_repa import read_repa_checkpoint
+    from class_cond.import_repa import read_repa_checkpoint
 
     path = tmp_path / "evil.pt"
     torch.save({"ema": {"w": torch.zeros(2)}, "args": Payload(marker), "steps": 1}, path)
@@ -289,6 +289,41 @@ def test_killed_checkpoint_save_keeps_the_previous_one_and_the_next_save_cleans_
     _save(run, 3)  # the same step saved again replaces its copy
     assert sorted(os.listdir(run / "checkpoints")) == ["latest", "step_00000002", "step_00000003"]
     assert ckpt.load_weights(str(run / "checkpoints" / "step_00000003" / "ema.safetensors"))["weight"].sum() == 6
+
+
+def test_checkpointer_saves_on_its_cadence_at_the_end_and_on_a_signal(tmp_path):
+    """The Checkpointer decides when to save; the loop only reports each step. A signal (any rank) saves and
+    stops, except on the last step, which saves and ends normally."""
+    from types import SimpleNamespace
+
+    from class_cond.task import ClassCondConfig
+    from conftest import TINY
+    from core.dist import DistContext
+
+    cfg = load_config(ClassCondConfig, TINY, [f"run.dir={tmp_path / 'run'}", "train.ckpt_every=3", "run.keep_last=5"])
+    signals = SimpleNamespace(received=None)
+    checkpointer = ckpt.Checkpointer(cfg, DistContext(0, 1, 0, torch.device("cpu")), signals)
+    state = ckpt.RunState("hash", 1, {"task": "t", "kwargs": {}}, {"shape": [1]}, {})
+    saved = []
+    for step in range(1, 9):
+        state.step, state.pending_corrupt = step, 1
+        if step == 5:
+            signals.received = 10  # SIGUSR1
+        seconds, stop = checkpointer.step_done(_FakeEngine(), _FakeEMA(), state, done=step == 8)
+        if seconds > 0:
+            saved.append(step)
+        if stop:
+            break
+    assert saved == [3, 5] and step == 5  # the cadence, then the signal's save and the stop
+    assert [s for s, _ in ckpt.list_checkpoints(cfg.run.dir)] == [3, 5]
+    record = ckpt.read_state(os.path.join(cfg.run.dir, "checkpoints", "step_00000005"))
+    assert record == {"config_hash": "hash", "world_size": 1, "model": {"task": "t", "kwargs": {}},
+                      "latent": {"shape": [1]}, "data": {}, "step": 5, "skipped_steps": 0, "corrupt_samples": 2}
+    assert state.resumed({"step": 3, "corrupt_samples": 7}).corrupt_samples == 7
+    signals.received = None
+    state.step = 8
+    assert checkpointer.step_done(_FakeEngine(), _FakeEMA(), state, done=True)[1] is False  # the end saves too
+    assert ckpt.list_checkpoints(cfg.run.dir)[-1][0] == 8
 
 
 def test_failed_shard_write_keeps_the_previous_shard(tmp_path, monkeypatch):

@@ -131,8 +131,8 @@ def test_build_from_recorded_kwargs_round_trips():
 
 
 def test_cfg_null_condition_replaces_dropped_captions():
-    task = T2ITask(T2IConfig())
-    task.null_context = torch.full((5, 16), -7.0)
+    cfg = T2IConfig()
+    task = T2ITask(cfg, T2ITask.random_data(cfg, 256), null_context=torch.full((5, 16), -7.0))
     ctx = torch.randn(3, 5, 16)
     out = task.condition({"context": ctx}, torch.tensor([False, True, False]), torch.device("cpu"))["context"]
     assert torch.equal(out[0], ctx[0]) and torch.equal(out[2], ctx[2]) and (out[1] == -7.0).all()
@@ -163,9 +163,9 @@ def test_synthetic_text_tokens_are_checked_against_the_config_and_the_generated_
     ctx = DistContext(0, 1, 0, torch.device("cpu"))
     load = lambda L: load_config(T2IConfig, "configs/debug/t2i_tiny.yaml",  # noqa: E731
                                  [f"data.path={tmp_path / 'data'}", f"data.synthetic_text_tokens={L}"])
-    assert T2ITask(load(12)).prepare_data(ctx).manifest["text_embedding"]["shape"] == [12, 32]
+    assert T2ITask.prepare_data(load(12), ctx).manifest["text_embedding"]["shape"] == [12, 32]
     with pytest.raises(ConfigError, match=r"stores 12 caption tokens but data.synthetic_text_tokens=16; delete it"):
-        T2ITask(load(16)).prepare_data(ctx)
+        T2ITask.prepare_data(load(16), ctx)
 
 
 def test_sample_images_follow_the_recorded_transport_path():
@@ -177,7 +177,8 @@ def test_sample_images_follow_the_recorded_transport_path():
     null = torch.zeros(5, 16)
 
     def draw(objective):
-        meta = {"latent": {"shape": [12, 8, 8], "autoencoder": "pixel-s2d2"}, "objective": objective}
+        meta = {"latent": {"shape": [12, 8, 8], "autoencoder": "pixel-s2d2", "scale_factor": 1.0},
+                "objective": objective}
         return sample_images(m, meta, ctx, null, sampler="sde", steps=4, cfg=1.5)
 
     linear, cosine = draw({"kind": "transport", "path": "linear"}), draw({"kind": "transport", "path": "cosine"})

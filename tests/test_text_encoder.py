@@ -1,10 +1,9 @@
-"""t2i/text_encoder.py: spec parsing, the tiny CLIP / OpenCLIP text encoders, loading a saved CLIP text model."""
-import core  # noqa: F401
+"""core/text_encoders.py: spec parsing, the tiny CLIP / OpenCLIP text encoders, loading a saved CLIP text model."""
 
 import pytest
 import torch
 
-from t2i.text_encoder import clip_bpe_tokenizer, load_text_encoder, parse_text_encoder_spec
+from core.text_encoders import clip_bpe_tokenizer, load_text_encoder, parse_text_encoder_spec
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +29,8 @@ def test_clip_tiny_shapes_and_determinism(tiny):
     assert x.shape == (3, 77, 32) and x.dtype == torch.float32 and torch.isfinite(x).all()
     assert (tiny.id, tiny.dim, tiny.max_length) == ("clip-tiny", 32, 77)
     assert torch.equal(load_text_encoder("clip-tiny").encode(caps), x)  # seeded random init
-    assert torch.equal(tiny.encode(caps[:1])[0], x[0])  # batch-independent
+    # batch 1 vs batch 3: the same math, other GEMM blocking; float32 round-off only (9.4e-7 seen on an AMD EPYC)
+    torch.testing.assert_close(tiny.encode(caps[:1])[0], x[0], rtol=1e-5, atol=1e-5)
     assert not torch.allclose(x[0], x[1])
     assert tiny.encode([]).shape == (0, 77, 32)
     with pytest.raises(TypeError, match="list of caption strings"):
@@ -55,7 +55,9 @@ def test_openclip_tiny():
     x = enc.encode(["a photo of a cat", ""])
     assert x.shape == (2, 77, 32) and x.dtype == torch.float32 and (enc.dim, enc.max_length) == (32, 77)
     assert not torch.allclose(x[0], x[1])
-    assert torch.equal(load_text_encoder("openclip-tiny").encode(["a photo of a cat"])[0], x[0])
+    # batch 1 vs batch 2: float32 round-off only (the blocking of the matrix products depends on the batch)
+    torch.testing.assert_close(load_text_encoder("openclip-tiny").encode(["a photo of a cat"])[0], x[0],
+                               rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("spec,match", [
@@ -102,7 +104,7 @@ def test_a_bidirectional_tower_keeps_all_its_tokens():
     from open_clip.model import CLIPTextCfg, _build_text_tower
     from open_clip.tokenizer import SimpleTokenizer
 
-    from t2i.text_encoder import OpenClipTextEncoder
+    from core.text_encoders import OpenClipTextEncoder
 
     cfg = CLIPTextCfg(width=32, heads=2, layers=2, mlp_ratio=2.0, no_causal_mask=True)
     enc = OpenClipTextEncoder("openclip-bidirectional", _build_text_tower(embed_dim=32, text_cfg=cfg),

@@ -1,9 +1,9 @@
 """Import an official REPA SiT checkpoint (github.com/sihyun-yu/REPA) or an official DiT checkpoint
 (github.com/facebookresearch/DiT) as this project's class-conditional model.
 
-    python -m eval.import_repa SiT-XL-2-repa.pt --out weights/sit_xl2_repa.safetensors
+    python -m class_cond.import_repa SiT-XL-2-repa.pt --out weights/sit_xl2_repa.safetensors
     accelerate launch -m eval.generate --run weights/sit_xl2_repa.safetensors --sampler sde --steps 250 ...
-    python -m eval.import_repa DiT-XL-2-256x256.pt --objective ddpm --model DiT-XL/2 --out weights/dit_xl2.safetensors
+    python -m class_cond.import_repa DiT-XL-2-256x256.pt --objective ddpm --model DiT-XL/2 --out weights/dit_xl2.safetensors
     accelerate launch -m eval.generate --run weights/dit_xl2.safetensors --sampler ddpm --steps 250 ...
 
 A DiT checkpoint is the same backbone (same key names) with doubled output channels (learned sigma) and no
@@ -15,7 +15,8 @@ state dict is accepted too). It is read with torch.load(weights_only=True), argp
 arbitrary code runs. The architecture comes from the tensor shapes (hidden size, depth, patch, channels, classes,
 projector widths, learned sigma, qk-norm) and from `args` (`model` preset for the head count, `encoder_depth`);
 what neither tells is given as an override by our SiT field names, e.g. num_heads=16, repa_depth=8.
-Key names and shapes must match ours exactly (NOTES.md: they follow timm's ViT naming in both).
+Key names and shapes must match ours exactly (both follow timm's ViT naming; the reference's are listed in
+tests/data/repa_sit_xl2_keys.txt).
 """
 import argparse
 import json
@@ -25,7 +26,6 @@ import pickle
 import re
 from typing import Optional
 
-import core  # noqa: F401
 import torch
 from safetensors.torch import save_file
 from torch import nn

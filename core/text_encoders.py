@@ -19,7 +19,6 @@ attention mask is passed (the causal mask keeps padding out of the caption token
 exactly what the full-length pass gives them, and short captions (the demo's fit in 12) lose nothing while the
 joint attention of the MMDiT gets 77 - L tokens fewer.
 """
-import core  # noqa: F401  (torchvision import fix first)
 import contextlib
 import functools
 import gzip
@@ -186,6 +185,7 @@ def load_text_encoder(spec: str, device: Union[str, torch.device] = "cpu", token
 
 
 def _hf_clip(spec: str, source: str) -> TextEncoder:
+    # heavy (transformers): imported only when this model is built
     from transformers import CLIPTextModel, CLIPTokenizer
 
     path = os.path.expanduser(source)
@@ -204,6 +204,7 @@ def clip_bpe_tokenizer():
     """The CLIP BPE tokenizer (transformers CLIPTokenizer, 49408 tokens) built offline from open_clip's bundled
     BPE merges, as OpenAI's CLIP builds its vocabulary: 256 byte symbols, the same with '</w>', the merges, then
     <|startoftext|> (49406) and <|endoftext|> (49407). Built once per process (~2 s) and shared: do not modify."""
+    # heavy (open_clip, transformers): imported only when the tokenizer is built
     from open_clip.tokenizer import bytes_to_unicode, default_bpe
     from transformers import CLIPTokenizer
 
@@ -217,6 +218,7 @@ def clip_bpe_tokenizer():
 
 
 def _tiny_hf_clip(spec: str) -> TextEncoder:
+    # heavy (transformers): imported only when this model is built
     from transformers import CLIPTextConfig, CLIPTextModel
 
     tokenizer = clip_bpe_tokenizer()
@@ -230,6 +232,7 @@ def _tiny_hf_clip(spec: str) -> TextEncoder:
 
 
 def _tiny_open_clip(spec: str) -> TextEncoder:
+    # heavy (open_clip): imported only when this model is built
     from open_clip.model import CLIPTextCfg, _build_text_tower
     from open_clip.tokenizer import SimpleTokenizer
 
@@ -241,6 +244,7 @@ def _tiny_open_clip(spec: str) -> TextEncoder:
 
 
 def _open_clip(spec: str, arch: str, source: Optional[str]) -> TextEncoder:
+    # heavy (open_clip): imported only when this model is built
     import open_clip
 
     if arch not in open_clip.list_models():
