@@ -45,8 +45,8 @@ def encode_value(ext: str, value) -> bytes:
         return buf.getvalue()
     if ext == "cls":
         return str(int(value)).encode()
-    if ext.endswith("txt"):
-        return str(value).encode("utf-8")
+    if ext.endswith("txt"):  # a file name that is not valid UTF-8 is kept readable, its odd bytes escaped
+        return str(value).encode("utf-8", "backslashreplace")
     if ext.endswith("json"):
         return json.dumps(value).encode("utf-8")
     raise ShardFormatError(f"no encoder for member extension {ext!r}")
@@ -73,8 +73,9 @@ def decode_value(ext: str, data: bytes):
 
 def write_shard(path: str, samples: list[dict]) -> None:
     """Write `samples` (each {"__key__": str, ext: value}) as one tar shard, atomically (core/fileio.py): an
-    interrupted write leaves no shard at `path` (and a previous shard there intact)."""
-    with atomic_write(path, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+    interrupted write leaves no shard at `path` (and a previous shard there intact). POSIX pax format: member names
+    of any length (plain ustar stops at 100 bytes)."""
+    with atomic_write(path, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for sample in samples:
             key = str(sample["__key__"])
             if "." in key or "/" in key:

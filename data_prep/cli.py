@@ -15,7 +15,8 @@ from core.encoders import encoder_names, load_encoder, parse_encoder_spec
 from core.latents import DEFAULT_VAE, build_autoencoder, latent_layout
 from core.shards import feature_record
 from core.text_encoders import load_text_encoder
-from data_prep.pipeline import Job, Models, PrepError, check_job_record, prepare_rank
+from data_prep.images import EXIF_CHOICES
+from data_prep.pipeline import Job, Models, PrepError, check_job_record, prepare_rank, reopen_fixed_shards
 
 log = logging.getLogger("data_prep")
 
@@ -38,6 +39,9 @@ def common_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None,
                    help="image decoding processes per rank (default: the rank's share of the CPU cores, at most 16)")
     p.add_argument("--limit", type=int, default=None, help="use only N inputs, spread evenly (smoke runs)")
+    p.add_argument("--exif", choices=EXIF_CHOICES, default="apply",
+                   help="apply: turn photos upright by their EXIF Orientation tag (counted as rotated); ignore: "
+                        "keep the stored pixel order, as the ADM and U-ViT preprocessing scripts do")
     return p
 
 
@@ -114,6 +118,7 @@ def run_job(job: Job, make_models, finish, single_process: bool = False) -> int:
     os.makedirs(job.out, exist_ok=True)
     if is_main:
         check_job_record(job, write=True)
+        reopen_fixed_shards(job)  # before any process lists its unfinished shards
     barrier()
     check_job_record(job, write=False)
     models = make_models(device)

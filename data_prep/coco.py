@@ -27,7 +27,9 @@ FID_CAPTIONS = "fid_captions.json"  # val: [{"image_id", "file_name", "captions"
 
 def list_coco(images: str, captions: str) -> tuple[list, dict]:
     """-> (items in sorted image-id order, input counts). Images without a caption are items marked
-    skip="no_caption"; annotations naming an image id the file does not list are counted as orphans."""
+    skip="no_caption", entries without a file_name skip="no_file_name"; captions that are not text (null, a list,
+    a number) or are empty are left out, counted and named; annotations naming an image id the file does not list
+    are counted as orphans. A non-integer image id is a PrepError naming the entry."""
     if not os.path.isfile(captions):
         raise PrepError(f"--captions {captions!r}: no such annotation file (e.g. annotations/captions_train2014.json)")
     if not os.path.isdir(images):
@@ -38,16 +40,33 @@ def list_coco(images: str, captions: str) -> tuple[list, dict]:
         raise PrepError(f"--captions {captions!r} is not a COCO captions file: {type(e).__name__}: {e}") from None
     if not coco.imgs:
         raise PrepError(f"--captions {captions!r} lists no images")
-    items = []
+    bad = [i for i in coco.imgs if not isinstance(i, int) or isinstance(i, bool)]
+    if bad:  # the sample key and the FID caption list are the integer id
+        raise PrepError(f"--captions {captions!r}: the image entry {str(coco.imgs[bad[0]])[:200]} has id {bad[0]!r} "
+                        f"({type(bad[0]).__name__}), and COCO image ids are integers ({len(bad)} such entries)")
+    items, not_text, empty = [], [], []
+    root = os.path.abspath(images)
     for img_id in sorted(coco.imgs):
-        info = coco.imgs[img_id]
         anns = sorted(coco.imgToAnns.get(img_id, []), key=lambda a: a["id"])
-        caps = [str(a.get("caption", "")).strip() for a in anns]
-        caps = [c for c in caps if c]
-        items.append(Item(f"{img_id:012d}", os.path.join(os.path.abspath(images), info["file_name"]), captions=caps,
+        caps = []
+        for a in anns:
+            cap = a.get("caption")
+            if not isinstance(cap, str):  # str(None) would train on the text "None"
+                not_text.append({"image_id": img_id, "annotation_id": a["id"], "caption": repr(cap)[:80]})
+            elif not cap.strip():
+                empty.append({"image_id": img_id, "annotation_id": a["id"]})
+            else:
+                caps.append(cap.strip())
+        name = coco.imgs[img_id].get("file_name")
+        if not isinstance(name, str) or not name:
+            items.append(Item(f"{img_id:012d}", f"(image id {img_id}: no file_name)", captions=caps,
+                              skip="no_file_name"))
+            continue
+        items.append(Item(f"{img_id:012d}", os.path.join(root, name), name=name, captions=caps,
                           skip=None if caps else "no_caption"))
     orphans = sum(1 for a in coco.anns.values() if a.get("image_id") not in coco.imgs)
-    counts = {"images": len(coco.imgs), "captions": len(coco.anns), "orphan_captions": orphans}
+    counts = {"images": len(coco.imgs), "captions": len(coco.anns), "orphan_captions": orphans,
+              "captions_not_text": not_text, "captions_empty": empty}
     return items, counts
 
 
@@ -83,7 +102,7 @@ def make_job(args) -> tuple[Job, dict]:
               "split": args.split, "vae": args.vae, **job_features(args),
               "text_encoder": args.text_encoder, "text_tokens": args.text_tokens, "crop": args.crop}
     job = Job(args.out, items, args.resolution, args.shard_size, False, args.store_images, args.batch_size,
-              args.workers, record, crop=args.crop)
+              args.workers, record, crop=args.crop, exif=args.exif)
     return job, counts
 
 
@@ -104,7 +123,7 @@ def write_null_embedding(out: str, text_encoder) -> None:
 
 def write_fid_captions(job: Job, skipped_files: dict) -> int:
     """The caption list for FID generation: the prepared (not skipped) images with their captions."""
-    entries = [{"image_id": int(it.key), "file_name": os.path.basename(it.path), "captions": it.captions}
+    entries = [{"image_id": int(it.key), "file_name": it.name, "captions": it.captions}
                for it in job.items if it.path not in skipped_files]
     write_json_atomic(os.path.join(job.out, FID_CAPTIONS), entries)
     return len(entries)
@@ -144,6 +163,12 @@ def main(argv=None, single_process: bool = False) -> int:
                         {"split": args.split, "text_encoder": models.text.id, "captions_cut": cut,
                          "text_embedding": {"shape": [L, D], "dtype": "float16"}, "input_counts": counts},
                         before_manifest=lambda totals: before_manifest(models, totals))
+        for what, entries in (("not text (null, a list or a number)", counts["captions_not_text"]),
+                              ("empty", counts["captions_empty"])):
+            if entries:
+                named = ", ".join(f"annotation {e['annotation_id']} of image {e['image_id']}" for e in entries[:3])
+                print(f"  captions left out as {what}: {len(entries)} ({named}{', ...' if len(entries) > 3 else ''};"
+                      " all under input_counts in manifest.json)")
 
     if counts["orphan_captions"]:
         log.warning("%d captions name image ids that %s does not list; they are ignored",

@@ -36,20 +36,20 @@ def stats_file_name(extractor, resolution: int) -> str:
 
 
 class _Images(Dataset):
-    def __init__(self, paths: list, size: int, crop: str):
-        self.paths, self.size, self.crop = paths, size, crop
+    def __init__(self, paths: list, size: int, crop: str, exif: str):
+        self.paths, self.size, self.crop, self.exif = paths, size, crop, exif
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        return load_image(self.paths[i], self.size, self.crop)
+        return load_image(self.paths[i], self.size, self.crop, self.exif)
 
 
-def _batches(paths: list, size: int, crop: str, batch_size: int, workers: int):
-    """uint8 (B, 3, size, size) tensors of the images at `paths`, cropped as the shards (all readable: the shards
-    were made from them)."""
-    loader = DataLoader(_Images(paths, size, crop), batch_size=None, num_workers=workers, collate_fn=_identity)
+def _batches(paths: list, size: int, crop: str, exif: str, batch_size: int, workers: int):
+    """uint8 (B, 3, size, size) tensors of the images at `paths`, loaded as the shards were (all readable: the
+    shards were made from them)."""
+    loader = DataLoader(_Images(paths, size, crop, exif), batch_size=None, num_workers=workers, collate_fn=_identity)
     batch = []
     for path, loaded in zip(paths, loader):
         if loaded.image is None:
@@ -69,13 +69,13 @@ def write_fid_stats(job, extractor, skipped_files: dict) -> dict:
     path = os.path.join(job.out, name)
     paths = [it.path for it in job.items if it.path not in skipped_files]
     entry = {"file": name, "extractor": str(extractor.name), "is_proxy": bool(extractor.is_proxy),
-             "num_images": len(paths), "resolution": job.resolution, "crop": job.crop}
+             "num_images": len(paths), "resolution": job.resolution, "crop": job.crop, "exif": job.exif}
     label = "PROXY extractor, not comparable to published FIDs" if extractor.is_proxy else "Inception"
     if os.path.isfile(path):
         print(f"FID reference statistics ({label}): {path} exists, kept")
         return entry
-    mu, sigma = stats_from_images(_batches(paths, job.resolution, job.crop, job.batch_size, job.workers or 0),
-                                 extractor)
+    mu, sigma = stats_from_images(_batches(paths, job.resolution, job.crop, job.exif, job.batch_size,
+                                           job.workers or 0), extractor)
     save_stats(path, mu, sigma, **{k: v for k, v in entry.items() if k != "file"})  # atomic (temp + rename)
     print(f"FID reference statistics ({label}) of {len(paths)} val images at {job.resolution} px: {path}")
     log.info("fid stats: %s", entry)

@@ -9,7 +9,12 @@ file that exists is finished, so a rerun of the same command skips it and finish
 writes the manifest last, from the sidecars, once every shard exists.
 
 `prep/job.json` records what the output was made from and with which options; a rerun that differs is refused,
-so an output directory never mixes two preparations.
+so an output directory never mixes two preparations. A rerun re-reads the inputs a finished shard skipped: when
+one has become readable (a file fixed or replaced), that shard is prepared again.
+
+Sample keys are positions in the sorted input list, so they are short and unique by construction whatever the
+file names; each sample keeps its input's name (relative to the source folder) as `path.txt`. Before the
+manifest is written, the shards are read back and checked against their sidecars.
 """
 import hashlib
 import json
@@ -24,9 +29,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from core.shards import feature_key
 from core.fileio import write_json_atomic
-from core.shards import read_manifest, shard_name, write_manifest, write_shard
+from core.shards import ShardFormatError, feature_key, index_shard, read_manifest, shard_name, write_manifest, write_shard
 from data_prep.images import Loaded, load_image
 
 log = logging.getLogger("data_prep")
@@ -39,10 +43,12 @@ class PrepError(RuntimeError):
 
 @dataclass
 class Item:
-    """One input: sample `key`, image `path`, and what the sample carries besides its image."""
+    """One input: sample `key`, image `path`, its `name` relative to the source (stored as path.txt), and what the
+    sample carries besides its image."""
 
     key: str
     path: str
+    name: Optional[str] = None
     label: Optional[int] = None  # class_cond
     captions: Optional[list] = None  # t2i
     skip: Optional[str] = None  # known bad before loading (e.g. "no_caption")
@@ -62,6 +68,7 @@ class Job:
     workers: int = 0
     record: dict = field(default_factory=dict)  # options and source that define the output (prep/job.json)
     crop: str = "adm"  # data_prep.images.CROPS: ADM's for ImageNet, U-ViT's for COCO
+    exif: str = "apply"  # data_prep.images.EXIF_CHOICES: turn photos upright by their EXIF Orientation, or not
 
     @property
     def items_per_shard(self) -> int:
@@ -92,7 +99,7 @@ def items_digest(items: list) -> str:
     """sha256 over the items' keys, paths, labels and captions: the input a job was made from."""
     h = hashlib.sha256()
     for it in items:
-        h.update(json.dumps([it.key, it.path, it.label, it.captions, it.skip]).encode())
+        h.update(json.dumps([it.key, it.path, it.name, it.label, it.captions, it.skip]).encode())
     return h.hexdigest()
 
 
@@ -100,7 +107,8 @@ def check_job_record(job: Job, write: bool) -> None:
     """Refuse an output directory prepared from other inputs or options; with `write`, record this job there."""
     path = os.path.join(job.out, PREP_DIR, "job.json")
     record = {**job.record, "resolution": job.resolution, "shard_size": job.shard_size, "flip": job.flip,
-              "store_images": job.store_images, "num_items": len(job.items), "items_sha256": items_digest(job.items)}
+              "store_images": job.store_images, "exif": job.exif, "num_items": len(job.items),
+              "items_sha256": items_digest(job.items)}
     if os.path.isfile(path):
         with open(path) as f:
             old = json.load(f)
@@ -132,7 +140,8 @@ class _ShardInputs(Dataset):
     def __getitem__(self, n: int):
         s, i = self.order[n]
         item = self.job.items[i]
-        loaded = Loaded(None, item.skip) if item.skip else load_image(item.path, self.job.resolution, self.job.crop)
+        loaded = (Loaded(None, item.skip) if item.skip
+                  else load_image(item.path, self.job.resolution, self.job.crop, self.job.exif))
         return s, i, loaded
 
 
@@ -186,9 +195,12 @@ class _ShardBuilder:
         self.job, self.models, self.device, self.s = job, models, device, s
         self.samples: list[dict] = []
         self.pending: list[tuple[dict, np.ndarray, Optional[list]]] = []  # (sample, image, captions)
-        self.record = {"shard": shard_name(s), "num_inputs": len(job.shard_items(s)), "skipped": {}, "converted": {}}
+        self.record = {"shard": shard_name(s), "num_inputs": len(job.shard_items(s)), "skipped": {}, "converted": {},
+                       "rotated": [], "keys": []}
 
     def add(self, item: Item, loaded: Loaded) -> None:
+        if loaded.warning:  # PIL's own warning does not say which file it is about
+            log.warning("%s: %s", item.path, loaded.warning)
         if loaded.image is None:
             reason, _, detail = loaded.skip.partition(": ")
             self.record["skipped"].setdefault(reason, []).append([item.path, detail])
@@ -196,11 +208,16 @@ class _ShardBuilder:
             return
         if loaded.converted:
             self.record["converted"].setdefault(loaded.converted, []).append(item.path)
+        if loaded.rotated:
+            self.record["rotated"].append(item.path)
         copies = [(item.key, loaded.image)]
         if self.job.flip:
             copies.append((f"{item.key}_flip", np.ascontiguousarray(loaded.image[:, ::-1])))
         for key, img in copies:
             sample = {"__key__": key}
+            self.record["keys"].append(key)
+            if item.name is not None:
+                sample["path.txt"] = item.name
             if item.label is not None:
                 sample["cls"] = item.label
             if item.captions is not None:
@@ -236,6 +253,32 @@ class _ShardBuilder:
 
 def sidecar_path(out: str, s: int) -> str:
     return os.path.join(out, PREP_DIR, shard_name(s).replace(".tar", ".json"))
+
+
+RECHECKED = ("missing_file", "unreadable")  # skip reasons a rerun looks at again: the file may have been fixed
+
+
+def reopen_fixed_shards(job: Job) -> list[str]:
+    """Delete the finished shards that skipped an input which now loads (fixed or replaced since), so this run
+    prepares them again, and the manifest with them (the dataset is incomplete until the run ends). Main process,
+    before the others start. Returns the inputs found readable."""
+    fixed = []
+    for s in range(job.num_shards):
+        shard, sidecar = os.path.join(job.out, shard_name(s)), sidecar_path(job.out, s)
+        if not (os.path.isfile(shard) and os.path.isfile(sidecar)):
+            continue
+        with open(sidecar) as f:
+            skipped = json.load(f)["skipped"]
+        again = [p for reason in RECHECKED for p, _ in skipped.get(reason, [])
+                 if load_image(p, job.resolution, job.crop, job.exif).image is not None]
+        if again:
+            log.warning("%s skipped %d input(s) that are readable now (%s): preparing it again", shard_name(s),
+                        len(again), ", ".join(again[:3]) + (", ..." if len(again) > 3 else ""))
+            os.remove(shard)
+            fixed += again
+    if fixed and os.path.isfile(os.path.join(job.out, "manifest.json")):
+        os.remove(os.path.join(job.out, "manifest.json"))
+    return fixed
 
 
 def rank_shards(job: Job, rank: int, world: int) -> list[int]:
@@ -295,19 +338,42 @@ def collect_sidecars(job: Job) -> list[dict]:
 
 
 def summarize(records: list[dict]) -> dict:
-    """Totals over shard sidecars: skipped/converted counts by reason, file lists, member shapes."""
-    skipped, converted, skipped_files, shapes = {}, {}, {}, {}
+    """Totals over shard sidecars: skipped/converted/rotated counts by reason with their file lists, member
+    shapes."""
+    skipped, converted, skipped_files, converted_files, rotated_files, shapes = {}, {}, {}, {}, [], {}
     for r in records:
         for reason, entries in r["skipped"].items():
             skipped[reason] = skipped.get(reason, 0) + len(entries)
             skipped_files.update({path: f"{reason}: {detail}" if detail else reason for path, detail in entries})
         for mode, paths in r["converted"].items():
             converted[mode] = converted.get(mode, 0) + len(paths)
+            converted_files.setdefault(mode, []).extend(paths)
+        rotated_files += r.get("rotated", [])
         for k, shape in r.get("shapes", {}).items():
             if shapes.setdefault(k, shape) != shape:
                 raise PrepError(f"{r['shard']}: member {k} has shape {shape}, other shards {shapes[k]}; the shards "
                                 "come from different preparations")
-    return {"skipped": skipped, "converted": converted, "skipped_files": skipped_files, "shapes": shapes}
+    return {"skipped": skipped, "converted": converted, "skipped_files": skipped_files,
+            "converted_files": converted_files, "rotated_files": rotated_files, "shapes": shapes}
+
+
+def verify_shards(job: Job, records: list[dict]) -> None:
+    """Read every shard back: the samples its sidecar lists, each key once in the whole dataset; PrepError naming
+    the shard otherwise (what a reader would refuse is refused here, before any manifest says "done")."""
+    where: dict[str, str] = {}
+    for r in records:
+        path = os.path.join(job.out, r["shard"])
+        try:
+            keys = [key for key, _ in index_shard(path)]
+        except ShardFormatError as err:
+            raise PrepError(f"{err}; delete it and rerun to prepare it again") from None
+        if len(keys) != r["num_samples"] or keys != r.get("keys", keys):
+            raise PrepError(f"{path} holds {len(keys)} samples but its sidecar lists {r['num_samples']}: the shard "
+                            "and its sidecar come from different runs; delete both and rerun")
+        for key in keys:
+            if key in where:
+                raise PrepError(f"sample key {key!r} is in both {where[key]} and {r['shard']}")
+            where[key] = r["shard"]
 
 
 def finish_manifest(job: Job, kind: str, autoencoder, features: list, extra: dict,
@@ -319,8 +385,11 @@ def finish_manifest(job: Job, kind: str, autoencoder, features: list, extra: dic
     totals = summarize(records)
     shapes = totals["shapes"]
     if "latent.npy" not in shapes:
+        named = "; ".join(f"{p} ({why})" for p, why in list(totals["skipped_files"].items())[:10])
         raise PrepError(f"no sample could be prepared from {len(job.items)} inputs: all were skipped "
-                        f"({totals['skipped']}); see the log for the file names")
+                        f"({totals['skipped']}): {named}{' ...' if len(totals['skipped_files']) > 10 else ''}. Fix or replace "
+                        "them and rerun (skipped files are read again), or delete the output to start over")
+    verify_shards(job, records)
     for f in features:
         stored = shapes.get(feature_key(f["name"]))
         if stored != [f["tokens"], f["dim"]]:
@@ -332,12 +401,15 @@ def finish_manifest(job: Job, kind: str, autoencoder, features: list, extra: dic
     manifest = {
         "kind": kind, "source": job.record.get("source"), "resolution": job.resolution, **extra,
         "shard_size": job.shard_size, "flip": job.flip, "images": job.store_images, "crop": job.crop,
+        "exif": job.exif,
         "shards": [{"name": r["shard"], "num_samples": r["num_samples"]} for r in records],
         "latent": {"autoencoder": autoencoder.id, "scale_factor": autoencoder.scale_factor, "shift": 0.0,
                    "shape": [c2 // 2, h, w], "moments": "mean||std float16"},
         "features": list(features),
         "inputs": len(job.items), "prepared": len(job.items) - sum(totals["skipped"].values()),
-        "skipped": totals["skipped"], "converted": totals["converted"], "skipped_files": totals["skipped_files"],
+        "skipped": totals["skipped"], "converted": totals["converted"], "rotated": len(totals["rotated_files"]),
+        "skipped_files": totals["skipped_files"], "converted_files": totals["converted_files"],
+        "rotated_files": totals["rotated_files"],
     }
     write_manifest(job.out, manifest)
     manifest = read_manifest(job.out)
@@ -345,14 +417,24 @@ def finish_manifest(job: Job, kind: str, autoencoder, features: list, extra: dic
     return manifest
 
 
+def _some(names: list, n: int = 5) -> str:
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
 def print_counts(m: dict) -> None:
-    """The final counts against the input's (stdout)."""
+    """The final counts against the input's, with the files skipped, converted and rotated (stdout)."""
     skipped = sum(m["skipped"].values())
     print(f"{m['inputs']} inputs -> {m['prepared']} prepared images -> "
           f"{m['num_samples']} samples in {len(m['shards'])} shards"
           + (" (with flip copies)" if m["flip"] else ""))
-    print(f"  skipped {skipped}" + (f": {m['skipped']}" if skipped else "")
-          + (f"; converted to RGB: {m['converted']}" if m["converted"] else ""))
+    print(f"  skipped {skipped}" + (f": {m['skipped']}" if skipped else ""))
+    for mode, paths in m.get("converted_files", {}).items():
+        print(f"  converted to RGB from {mode}: {len(paths)} ({_some(paths)})")
+    if m.get("exif") == "ignore":
+        print("  EXIF orientation ignored (--exif ignore): photos are stored in their stored pixel order")
+    elif m.get("rotated"):
+        print(f"  turned upright by their EXIF orientation: {m['rotated']} ({_some(m['rotated_files'])})")
     if skipped:
-        print(f"  WARNING: {skipped} of {m['inputs']} inputs were skipped; their files are listed under "
-              "'skipped_files' in manifest.json")
+        print(f"  WARNING: {skipped} of {m['inputs']} inputs were skipped: {_some(list(m['skipped_files']))}. "
+              "All are listed with the reason under 'skipped_files' in manifest.json; fix or replace them and "
+              "rerun the same command to add them (skipped files are read again)")

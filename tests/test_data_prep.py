@@ -112,10 +112,13 @@ def test_imagenet_shards_counts_shapes_and_determinism(tree, tmp_path, capsys):
     assert [s["num_samples"] for s in m["shards"]][1:] == [8, 6, 8, 8, 8, 2]  # inputs 4..: class 0's last 2 are bad
 
     reader = ShardReader(str(tmp_path / "a"))
-    samples = {s["__key__"]: s for s in (reader.decoded(i) for i in range(len(reader)))}
+    # keys are positions in the sorted input list; path.txt names the input (flip copies: key + "_flip")
+    decoded = (reader.decoded(i) for i in range(len(reader)))
+    samples = {(s["path.txt"], s["__key__"].endswith("_flip")): s for s in decoded}
     assert len(samples) == 2 * prepared
-    s, f = samples["n00000002_3"], samples["n00000002_3_flip"]
-    assert s["cls"] == 2 and f["cls"] == 2 and samples["cmyk"]["cls"] == 0
+    s, f = samples[("n00000002/n00000002_3.JPEG", False)], samples[("n00000002/n00000002_3.JPEG", True)]
+    assert f["__key__"] == s["__key__"] + "_flip" and s["__key__"].isdigit()
+    assert s["cls"] == 2 and f["cls"] == 2 and samples[("n00000000/cmyk.jpg", False)]["cls"] == 0
     assert s["latent.npy"].dtype == np.float16 and s["latent.npy"].shape == (96, 8, 8)
     assert s["feat_dinov2-tiny.npy"].dtype == np.float16 and s["feat_dinov2-tiny.npy"].shape == (16, 32)
     assert s["image.png"].shape == (32, 32, 3) and np.array_equal(f["image.png"], s["image.png"][:, ::-1])

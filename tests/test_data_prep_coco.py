@@ -64,7 +64,8 @@ def test_coco_val_shards(val, tmp_path, capsys):
         ("t2i", "val", "clip-tiny", 10, 7, 7)
     assert m["skipped"] == {"missing_file": 1, "unreadable": 1, "no_caption": 1}
     assert m["converted"] == {"L": 1, "CMYK": 1}
-    assert m["input_counts"] == {"images": 10, "captions": 51, "orphan_captions": 1}
+    assert m["input_counts"] == {"images": 10, "captions": 51, "orphan_captions": 1, "captions_not_text": [],
+                                 "captions_empty": []}
     assert m["text_embedding"] == {"shape": [77, 32], "dtype": "float16"}
     assert "10 inputs -> 7 prepared images -> 7 samples" in printed
 
