@@ -30,7 +30,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     kind: str = "shards"  # shards: a prepared dataset (data_prep.imagenet); synthetic: generated here
-    path: str = ""  # the prepared dataset directory; for synthetic, where to write it ("" = <run.dir>/data)
+    path: str = ""  # the prepared dataset directory (kind=shards); a synthetic set is generated in <run.dir>/data
     synthetic_samples: int = 1024
     synthetic_classes: int = 4
     synthetic_resolution: int = 32

@@ -22,12 +22,15 @@ safetensors and JSON.
 import argparse
 import base64
 import dataclasses
+import errno
+import fcntl
 import json
 import os
 import random
 import re
 import shutil
 import signal
+import socket
 import time
 from dataclasses import dataclass, field
 
@@ -313,17 +316,58 @@ class RunState:
 
 
 class PreemptionSignals:
-    """Records SIGUSR1 (Slurm's warning before the time limit) and SIGTERM (preemption); the Checkpointer saves and
-    asks the loop to stop at the next step. Installed first, so a signal during start-up cannot kill the job
-    un-requeued."""
+    """Records SIGUSR1 (Slurm's warning before the time limit), SIGTERM (preemption) and SIGINT (Ctrl-C); the
+    Checkpointer saves and asks the loop to stop after the step in progress. Installed first, so a signal during
+    start-up cannot kill the job un-requeued. A second Ctrl-C stops at once (KeyboardInterrupt), without a save."""
 
     def __init__(self):
         self.received: int | None = None
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
+        self.interrupts = 0
+        for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
+        if signum == signal.SIGINT:
+            self.interrupts += 1
+            if self.interrupts > 1:
+                raise KeyboardInterrupt
+            tqdm.write("Ctrl-C: the checkpoint is written after this step, then the run stops (Ctrl-C again to stop "
+                       "at once, without it)")
         self.received = signum
+
+
+class RunDirBusy(ConfigError):
+    """Another live process trains in this run.dir."""
+
+
+class RunDirLock:
+    """An exclusive lock on run.dir (POSIX lockf on run.dir/run.lock, NFS included), taken by rank 0 for the run's
+    life: a second training on the same run.dir is refused at start, naming the live one. The OS drops the lock
+    when its process ends, however it ends (a crash, kill -9), so no stale lock blocks a requeued job."""
+
+    def __init__(self, run_dir: str):
+        os.makedirs(run_dir, exist_ok=True)
+        self.path = os.path.join(run_dir, "run.lock")
+        self.file = open(self.path, "a+")
+        try:
+            fcntl.lockf(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno not in (errno.EACCES, errno.EAGAIN):  # a file system without locks (ENOLCK): go on unguarded
+                tqdm.write(f"warning: cannot lock {self.path} ({err.strerror}): make sure no other training uses "
+                           f"{run_dir}")
+                return
+            self.file.seek(0)
+            holder = self.file.read().strip() or "(unknown)"
+            self.file.close()
+            raise RunDirBusy(f"run.dir {run_dir} is in use by another training ({holder}): wait for it to end or stop "
+                             "it, or use another run.dir") from err
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"host {socket.gethostname()}, pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        self.file.flush()
+
+    def release(self) -> None:
+        self.file.close()  # closing drops the lock
 
 
 class Checkpointer:
@@ -334,6 +378,25 @@ class Checkpointer:
     def __init__(self, cfg, ctx: DistContext, signals: PreemptionSignals):
         self.cfg, self.ctx, self.signals = cfg, ctx, signals
         self.run_dir, self.every, self.keep_last = cfg.run.dir, cfg.train.ckpt_every, cfg.run.keep_last
+        self.lock: RunDirLock | None = None
+
+    def claim(self) -> str | None:
+        """Take run.dir for this run (rank 0 holds its RunDirLock; every rank raises RunDirBusy when another
+        training holds it) and return the checkpoint to resume from, None for a new run (find_resume)."""
+        error = None
+        if self.ctx.is_main:
+            try:
+                self.lock = RunDirLock(self.run_dir)
+            except RunDirBusy as err:
+                error = err
+        if any_rank(error is not None, self.ctx.device):
+            raise error or RunDirBusy(f"run.dir {self.run_dir} is in use by another training (rank 0 says which)")
+        return find_resume(self.cfg, self.ctx.world_size)
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def restore(self, checkpoint: str, engine, ema, state: RunState) -> RunState:
         """Load `checkpoint` into the engine and the EMA (and this rank's RNG streams); `state` at its position."""
@@ -359,7 +422,8 @@ class Checkpointer:
                 tqdm.write(f"checkpoint {path} written in {seconds:.2f} s")
         stop = preempted and not done
         if stop and self.ctx.is_main:
-            tqdm.write(f"signal received: checkpoint at step {state.step} written, exiting to be resumed")
+            name = signal.Signals(self.signals.received).name if self.signals.received else "a signal on another rank"
+            tqdm.write(f"{name}: checkpoint at step {state.step} written; rerun the same command to resume from it")
         return seconds, stop
 
     def export(self, state: RunState) -> None:

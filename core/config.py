@@ -331,6 +331,9 @@ def validate_task_config(cfg: Any, task: str, presets: dict, producer: str, chec
     validate_common(cfg)
     check_choice("model.preset", cfg.model.preset, tuple(presets))
     check_choice("data.kind", cfg.data.kind, ("shards", "synthetic"))
+    if cfg.data.kind == "synthetic" and cfg.data.path:  # it would generate a toy set at a path meant for data
+        raise ConfigError(f"data.path={cfg.data.path!r} is for a prepared dataset, and data.kind=synthetic generates "
+                          "its own under run.dir/data: set data.kind=shards to train on the dataset at data.path")
     if cfg.data.kind == "shards" and check_data:
         check_prepared_dataset("data.path", cfg.data.path, task, producer)
     if cfg.repa.coeff > 0:

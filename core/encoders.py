@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.hub import require_weights
+
 
 @dataclass(frozen=True)
 class _Entry:
@@ -241,6 +243,9 @@ def _build_dinov2(spec: str, entry: _Entry, source: Optional[str], resolution: i
             model, description = Dinov2Model(config), f"{spec} (random weights, real architecture)"
     else:
         _check_local_path(spec, source)
+        name = parse_encoder_spec(spec)[0]
+        require_weights(source, f"encoder {spec!r}: its weights", f"name the copy as {name}@DIR (repa.encoders, "
+                        "data_prep --features, eval.representation --encoder)")
         try:
             model = Dinov2Model.from_pretrained(os.path.expanduser(source), dtype=torch.float32)
         except OSError as e:

@@ -20,6 +20,12 @@ def _failed(path: str, err: OSError) -> WriteError:
     return WriteError(err.errno, f"could not write {path} ({reason}); the previous version, if any, is intact")
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str):
     """Yield a temporary path to write; on success it is fsynced and renamed to `path`.
@@ -29,6 +35,7 @@ def atomic_path(path: str):
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())  # as open() would make it: some writers (safetensors) create files 0600
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)

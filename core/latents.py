@@ -8,6 +8,8 @@ generate.py) and 1 for the pixel space.
 import torch
 import torch.nn.functional as F
 
+from core.hub import require_weights
+
 SD_VAE_SCALE = 0.18215  # Rombach et al.; used by SiT/REPA with SD-VAE latents
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"  # the REPA reference's generate.py decodes with sd-vae-ft-ema (--vae ema)
 
@@ -63,6 +65,9 @@ class SDVAE:
     scale_factor = SD_VAE_SCALE
 
     def __init__(self, source: str = DEFAULT_VAE, device: str | torch.device = "cpu", vae=None):
+        if vae is None:
+            require_weights(source, "the autoencoder", "point --vae at it (eval.generate, eval.evaluate, t2i.sample, "
+                            "data_prep)")
         from diffusers import AutoencoderKL  # heavy (seconds to import): only when an SD-VAE is used
 
         self.id = source

@@ -4,23 +4,30 @@ import os
 
 from tqdm import tqdm
 
-from core.fileio import append_line
+from core.fileio import append_line, write_text_atomic
 
 JSONL_KEYS = ("step", "loss", "denoise_loss", "repa_loss", "grad_norm", "lr", "img_per_s")
 
 
 class MetricsLogger:
     """One JSON object per logged step in run.dir/metrics.jsonl (keys JSONL_KEYS plus counters), the same scalars
-    to TensorBoard under run.dir/tb, and a line on stdout."""
+    to TensorBoard under run.dir/tb, and a line on stdout.
 
-    def __init__(self, run_dir: str, enabled: bool, tensorboard: bool = True):
+    `resume_step`: the run resumes from the checkpoint of that step, so what was logged past it (steps the resumed
+    run replays) is dropped: metrics.jsonl is rewritten without those records and TensorBoard purges its events
+    from the next step on, so both read as one run."""
+
+    def __init__(self, run_dir: str, enabled: bool, tensorboard: bool = True, resume_step: int | None = None):
         self.enabled = enabled
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self.tb = None
+        if enabled and resume_step is not None:
+            truncate_metrics(self.path, resume_step)
         if enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # imports tensorboard (heavy): only when enabled
 
-            self.tb = SummaryWriter(os.path.join(run_dir, "tb"))
+            purge = None if resume_step is None else resume_step + 1
+            self.tb = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=purge)
 
     def log(self, record: dict) -> None:
         if not self.enabled:
@@ -39,11 +46,24 @@ class MetricsLogger:
             self.tb.close()
 
 
+def truncate_metrics(path: str, last_step: int) -> None:
+    """Rewrite the metrics file at `path` (atomically) without the records of steps after `last_step`, and without
+    a last line torn by a kill."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        text = f.read()
+    lines = text.split("\n")[:-1]  # a last line without its newline is torn
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= last_step]
+    if len(kept) != len(lines) or not text.endswith("\n"):
+        write_text_atomic(path, "".join(line + "\n" for line in kept))
+
+
 def read_metrics(run_dir: str) -> list[dict]:
     """The records of run.dir/metrics.jsonl (for plots and tests), one per step in step order.
 
-    A run stopped after logging a step but before checkpointing it logs that step again when resumed (it replays
-    it); the file keeps both lines, and the later one is the record returned."""
+    A resumed run drops what was logged past its checkpoint (MetricsLogger), so each step appears once; in a file
+    of an older version a replayed step can appear twice, and the later record is returned."""
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.isfile(path):
         return []

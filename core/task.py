@@ -126,10 +126,11 @@ class Task(Protocol):
 
 
 def generated_dataset(cfg, ctx: DistContext, manifest: str, make: Callable[[str], None]) -> str:
-    """The directory of a task's generated tiny dataset (data.kind=synthetic): data.path, or run.dir/data. Rank 0
-    makes it with make(directory) unless `manifest` (a path inside it) exists; the other ranks wait for it."""
-    root = cfg.data.path or os.path.join(cfg.run.dir, "data")
+    """The directory of a task's generated tiny dataset (data.kind=synthetic): run.dir/data. Rank 0 makes it with
+    make(directory) unless `manifest` (a path inside it) exists; the other ranks wait for it."""
+    root = os.path.join(cfg.run.dir, "data")
     if ctx.is_main and not os.path.isfile(os.path.join(root, manifest)):
+        print(f"data: generating the configured tiny dataset in {root}", flush=True)
         make(root)
     barrier()
     return root

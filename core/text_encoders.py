@@ -28,6 +28,8 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
+from core.hub import require_weights
+
 CLIP_L_SOURCE = "openai/clip-vit-large-patch14"
 CLIP_L_DIM = 768
 TEXT_ENCODER_NAMES = ("clip-l", "clip", "openclip", "clip-tiny", "openclip-tiny")
@@ -191,6 +193,9 @@ def _hf_clip(spec: str, source: str) -> TextEncoder:
     path = os.path.expanduser(source)
     if source.startswith(("/", "./", "../", "~")) and not os.path.exists(path):
         raise FileNotFoundError(f"text encoder {spec!r}: path {source!r} does not exist")
+    name = spec.partition("@")[0].strip()
+    require_weights(source, f"text encoder {spec!r}: its model", f"name the copy as {name}@DIR (data_prep.coco "
+                    "--text-encoder, t2i.sample --text-encoder)")
     try:
         tokenizer = CLIPTokenizer.from_pretrained(path)
         model = CLIPTextModel.from_pretrained(path, dtype=torch.float32)

@@ -16,7 +16,7 @@ if __package__ in (None, ""):  # run as a file by a launcher: import from the re
 import argparse  # noqa: E402
 import logging  # noqa: E402
 
-from core.checkpoint import CheckpointSaveError  # noqa: E402
+from core.checkpoint import CheckpointSaveError, latest_checkpoint  # noqa: E402
 from core.config import ConfigError  # noqa: E402
 from core.task import load_task_config, task_names  # noqa: E402
 from core.trainer import NonFiniteLossError, train  # noqa: E402
@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None, task: str | None = None) -> int:
     what = f"a {task} model" if task else f"the YAML's task ({', '.join(task_names())})"
     args = parser(f"Train {what} with REPA.").parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    cfg = None
     try:
         _, cfg = load_task_config(args.config, args.overrides, default_task=task)
         return train(cfg)
@@ -46,6 +47,11 @@ def main(argv: list[str] | None = None, task: str | None = None) -> int:
     except (NonFiniteLossError, CheckpointSaveError) as err:
         print(f"training stopped: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # the second Ctrl-C (the first asks for a checkpoint after the step in progress)
+        newest = latest_checkpoint(cfg.run.dir) if cfg is not None else None
+        print(f"interrupted: stopped at once without a checkpoint; rerunning the same command resumes from the newest "
+              f"one ({newest or 'none yet: it starts again'})", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -152,21 +152,31 @@ def plan_run(cfg, task: Task, ctx: DistContext, layout: tuple[int, int] | None =
     return RunPlan(cfg, ctx, task, kwargs, micro, accum, need_image, feature_names)
 
 
-def preflight(cfg, ctx: DistContext) -> tuple[RunPlan, str | None]:
-    """Every check of the config, the resume and the data, in that order and before any model is built; writes
-    run.dir/config.yaml. Returns the plan and the checkpoint to resume from (None for a new run)."""
+def preflight(cfg, ctx: DistContext, checkpointer: Checkpointer) -> tuple[RunPlan, str | None]:
+    """Every check of the config, the run directory (no other training in it), the resume and the data, in that
+    order and before any model is built; writes run.dir/config.yaml. Returns the plan and the checkpoint to resume
+    from (None for a new run)."""
     build_ds_config(cfg.train, ctx.world_size)  # raises on a bad JSON or batch layout
     layout = batch_plan(cfg, ctx.world_size)
-    resume_from = ckpt.find_resume(cfg, ctx.world_size)
+    resume_from = checkpointer.claim()
     if ctx.is_main:
         os.makedirs(cfg.run.dir, exist_ok=True)
         save_config(cfg, os.path.join(cfg.run.dir, "config.yaml"))
     barrier()
+    say(ctx, f"{cfg.run.dir}: resuming from {resume_from}" if resume_from else f"{cfg.run.dir}: a new run")
     task_cls = get_task(cfg.task)
-    plan = plan_run(cfg, task_cls(cfg, task_cls.prepare_data(cfg, ctx)), ctx, layout)
+    data = task_cls.prepare_data(cfg, ctx)
+    say(ctx, f"data: {data.root}, {data.manifest['num_samples']} samples, latents {list(data.latent_shape)}")
+    plan = plan_run(cfg, task_cls(cfg, data), ctx, layout)
     if resume_from is not None:
         ckpt.check_same_model(resume_from, ckpt.read_state(resume_from).get("model"), plan.model_record())
     return plan, resume_from
+
+
+def say(ctx: DistContext, message: str) -> None:
+    """A line on rank 0 about what start-up is doing (it takes tens of seconds before the first step)."""
+    if ctx.is_main:
+        tqdm.write(message)
 
 
 def training_batches(plan: RunPlan, step: int) -> Iterator[dict]:
@@ -200,11 +210,17 @@ def build_run(plan: RunPlan) -> Run:
         torch.utils.deterministic.fill_uninitialized_memory = False  # NaN-filling every allocation: 40x slower on CPU
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     model = plan.task.build_model(plan.model_kwargs, grad_checkpointing=cfg.model.grad_checkpointing)
+    say(ctx, f"model: {plan.task.name} {cfg.model.preset}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
+             "parameters" + (", blocks compiled on the first step" if cfg.train.compile else ""))
     if cfg.train.compile:
         compile_blocks(model)
     encoders = []
     if plan.need_image:  # one encoder patch per model token, whatever the encoder's patch size
+        say(ctx, f"REPA encoders: loading {', '.join(cfg.repa.encoders)}")
         encoders = load_encoders(cfg.repa.encoders, plan.data.resolution, device=ctx.device, grid=plan.grid)
+    elif plan.feature_names:
+        say(ctx, f"REPA targets: the dataset's stored {', '.join(plan.feature_names)} features")
+    say(ctx, f"DeepSpeed: {cfg.train.ds_config}, {ctx.world_size} rank(s), batch {plan.micro} x {plan.accum} per rank")
     engine = create_engine(model, cfg.train, build_ds_config(cfg.train, ctx.world_size), ctx.device)
     return Run(plan, engine, EMA(engine.module, cfg.train.ema_decay), encoders, build_objective(cfg.objective))
 
@@ -271,9 +287,9 @@ class StepLog:
 
     NAMES = ("loss", "denoise_loss", "repa_loss")
 
-    def __init__(self, plan: RunPlan):
+    def __init__(self, plan: RunPlan, resume_step: int | None = None):
         self.plan = plan
-        self.logger = MetricsLogger(plan.cfg.run.dir, plan.ctx.is_main, plan.cfg.train.tensorboard)
+        self.logger = MetricsLogger(plan.cfg.run.dir, plan.ctx.is_main, plan.cfg.train.tensorboard, resume_step)
         self._reset()
 
     def _reset(self) -> None:
@@ -310,16 +326,23 @@ def train(cfg) -> int:
     """Run (or resume) training as configured; returns the process exit code (0 done, 75 preempted)."""
     signals = PreemptionSignals()  # first: a preemption signal during start-up must not kill the job un-requeued
     ctx = setup_distributed()
-    plan, resume_from = preflight(cfg, ctx)
+    checkpointer = Checkpointer(cfg, ctx, signals)
+    try:
+        return _train(cfg, ctx, checkpointer)
+    finally:
+        checkpointer.release()
+
+
+def _train(cfg, ctx: DistContext, checkpointer: Checkpointer) -> int:
+    plan, resume_from = preflight(cfg, ctx, checkpointer)
     run = build_run(plan)
     torch.manual_seed(cfg.run.seed * 7919 + ctx.rank)
-    checkpointer = Checkpointer(cfg, ctx, signals)
     state = plan.new_state()
     if resume_from is not None:
         state = checkpointer.restore(resume_from, run.engine, run.ema, state)
         apply_optimizer_settings(run.engine, cfg.train)  # the optimizer state restores the saved lr/betas otherwise
     batches = training_batches(plan, state.step)
-    steplog = StepLog(plan)
+    steplog = StepLog(plan, resume_step=state.step if resume_from is not None else None)
     bar = tqdm(total=cfg.train.max_steps, initial=state.step, disable=not ctx.is_main, desc="train",
                dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 30.0)
     stopped = False

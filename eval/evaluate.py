@@ -9,14 +9,13 @@ the generation and recomputes the metrics.
 """
 import argparse
 import os
-import sys
 from typing import Optional
 
 import torch
 from accelerate import PartialState
 
 from eval.fid import add_metric_args, evaluate_samples
-from eval.generate import add_generation_args, generate, validate_generation_args
+from eval.generate import add_generation_args, apply_preset, exit_on_user_error, generate, validate_generation_args
 
 
 def default_out(args: argparse.Namespace) -> str:
@@ -36,17 +35,14 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
     add_generation_args(p)
     add_metric_args(p)
     p.add_argument("--out", default=None, help="samples directory (default: derived from --run and the settings)")
+    apply_preset(p, argv)
     args = p.parse_args(argv)
     validate_generation_args(p, args)
     args.out = args.out or default_out(args)
-    generate(args)
+    exit_on_user_error(generate, args)
 
     state = PartialState(cpu=not torch.cuda.is_available())
-    try:
-        metrics = evaluate_samples(args, args.out) if state.is_main_process else None
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    metrics = exit_on_user_error(evaluate_samples, args, args.out) if state.is_main_process else None
     state.wait_for_everyone()
     return metrics
 

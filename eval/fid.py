@@ -18,6 +18,9 @@ import glob
 import json
 import os
 import sys
+import warnings
+import zipfile
+import zlib
 from typing import Iterable, Iterator, Optional
 
 import numpy as np
@@ -27,9 +30,12 @@ from PIL import Image
 from torch import nn
 
 from core.fileio import WriteError, atomic_write, write_json_atomic
+from core.hub import WeightsUnavailable, reachable
 from core.shards import ShardReader, decode_value
 
 INCEPTION_FILE = "inception-2015-12-05.pt"  # clean-fid's name for the TorchScript TF-Inception
+INCEPTION_URL = ("https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/"
+                 "inception-2015-12-05.pt")  # where clean-fid downloads it from (cleanfid/downloads_helper.py)
 MODES = ("legacy_tensorflow", "clean")
 PROXY_LABEL = "PROXY FID (random-init features, not comparable to published FID)"
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -76,6 +82,11 @@ class InceptionExtractor(FeatureExtractor):
         self.mode, self.device, self.name = mode, torch.device(device), f"inception-{mode}"
         if weights is None:  # clean-fid's default: download to /tmp unless it is there
             folder, download = "/tmp", True
+            if not os.path.isfile(os.path.join(folder, INCEPTION_FILE)) and not reachable(INCEPTION_URL):
+                raise WeightsUnavailable(f"the Inception network ({INCEPTION_FILE}) is not on this machine and its "
+                                         f"download ({INCEPTION_URL}) cannot be reached; fetch it where there is a "
+                                         "network and pass --inception-weights FILE (or --features proxy for a "
+                                         "labelled stand-in)")
         else:
             folder = weights if os.path.isdir(weights) else os.path.dirname(os.path.abspath(weights))
             download = False
@@ -224,10 +235,24 @@ def npz_array(data, key: str, path: str) -> np.ndarray:
         raise ValueError(f"{path!r}: {key} holds pickled Python objects, which are never loaded ({err})") from None
 
 
+def open_npz(path: str):
+    """np.load of an .npz without pickle; a file that is not one (truncated, another format) is a ValueError naming
+    it."""
+    try:
+        return np.load(path, allow_pickle=False)
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as err:
+        if isinstance(err, FileNotFoundError):
+            raise
+        raise ValueError(f"{path!r} is not a readable .npz (truncated or another format: {err})") from None
+
+
 def read_npz(path: str) -> dict:
     """Every array of an .npz, read without pickle (see npz_array)."""
-    with np.load(path, allow_pickle=False) as data:
-        return {k: npz_array(data, k, path) for k in data.files}
+    with open_npz(path) as data:
+        try:
+            return {k: npz_array(data, k, path) for k in data.files}
+        except (zipfile.BadZipFile, EOFError, zlib.error) as err:  # a member cut off
+            raise ValueError(f"{path!r} is not a readable .npz (a member is cut off: {err})") from None
 
 
 def load_stats(path: str) -> tuple[np.ndarray, np.ndarray]:
@@ -242,7 +267,11 @@ def fid_from_stats(mu1: np.ndarray, s1: np.ndarray, mu2: np.ndarray, s2: np.ndar
 
     if np.shape(mu1) != np.shape(mu2) or np.shape(s1) != np.shape(s2):
         raise ValueError(f"statistics of different feature sizes: {np.shape(mu1)} vs {np.shape(mu2)}")
-    return float(frechet_distance(mu1, s1, mu2, s2))
+    # scipy's sqrtm warns "Matrix is singular" for a rank-deficient covariance (compute_metrics says why in words)
+    # and that clean-fid's disp= argument is deprecated: neither is the user's to act on
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float(frechet_distance(mu1, s1, mu2, s2))
 
 
 # ------------------------------------------------------------------------------------ Inception Score, prec/recall
@@ -293,7 +322,7 @@ def iter_images(source: str, batch_size: int = 100, limit: Optional[int] = None)
     """uint8 (B, 3, H, W) batches from a folder of images (or its images/ subfolder), an .npz's arr_0 (NHWC), or
     a prepared dataset directory (its image.png members)."""
     if os.path.isfile(source) and source.endswith(".npz"):
-        with np.load(source, allow_pickle=False) as data:
+        with open_npz(source) as data:
             if "arr_0" not in data.files:
                 raise ValueError(f"{source!r} has no arr_0 images (keys: {', '.join(data.files)})")
             arr = npz_array(data, "arr_0", source)[:limit]
@@ -390,6 +419,12 @@ def compute_metrics(samples: str, ref: str, extractor: FeatureExtractor, batch_s
     feats = collect(iter_images(samples, batch_size, limit), extractor, inception_score_, "mu_s" in ref_stats)
     mu, sigma = stats_from_features(feats["pool"])
     m: dict = {"fid": fid_from_stats(mu, sigma, ref_stats["mu"], ref_stats["sigma"])}
+    n, d = len(feats["pool"]), mu.shape[0]
+    if n <= d:
+        m["small_sample_note"] = (f"{n} samples of {d}-dimensional features: their covariance is singular (it needs "
+                                  f"more than {d} samples), so this FID, and precision/recall from so few samples, "
+                                  "only compare runs of the same size; published FIDs use 50000 (ImageNet) or "
+                                  "30000 (COCO)")
     if "spatial" in feats:
         m["sfid"] = fid_from_stats(*stats_from_features(feats["spatial"]), ref_stats["mu_s"], ref_stats["sigma_s"])
     else:
@@ -429,6 +464,8 @@ def format_metrics(m: dict) -> str:
         lines = [f"FID: {m['fid']:.4f}  ({m['features']}, {m['num_samples']} samples)"]
         keys = [k for k in ("sfid", "inception_score", "precision", "recall") if k in m]
     lines += [f"{k}: {m[k]:.4f}" if m[k] is not None else f"{k}: n/a" for k in keys]
+    if m.get("small_sample_note"):
+        lines.append(f"note: {m['small_sample_note']}")
     return "\n".join(lines)
 
 

@@ -21,10 +21,11 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 import time
 import zipfile
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -33,7 +34,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from core.config import ConfigError, load_config
-from core.fileio import atomic_path, write_json_atomic
+from core.fileio import WriteError, atomic_path, write_json_atomic
 from core.latents import build_autoencoder
 from core.task import Conditioner, get_task
 from core.transport import Transport, build_objective
@@ -137,9 +138,11 @@ class Generator:
         return cls(model, meta, **settings)
 
     @torch.no_grad()
-    def latents(self, indices: Sequence[int]) -> torch.Tensor:
-        """(B, C, h, w) float32 scaled latents of samples `indices`."""
+    def latents(self, indices: Sequence[int], progress: Optional[Callable[[float], None]] = None) -> torch.Tensor:
+        """(B, C, h, w) float32 scaled latents of samples `indices`. `progress(images)`: called after each model
+        evaluation with the share of the batch it advanced (len(indices) / NFE), so a bar moves within a batch."""
         s = self.settings
+        tick = None if progress is None else (lambda: progress(len(indices) / s["nfe"]))
         gens = [sample_generator(s["seed"], i, self.device) for i in indices]
         x1 = randn((len(indices), *self.latent_shape), gens, self.device, torch.float32)
         cond = self.conditioner.cond(indices, self.device)
@@ -147,12 +150,12 @@ class Generator:
         autocast = torch.autocast(self.device.type, torch.bfloat16, enabled=self.precision == "bf16")
         if self.diffusion is not None:  # DiT: guided [eps | v], the model fed the original step index
             denoiser = GuidedVelocity(self.forward, cond, null, s["cfg"], s["guidance_interval"],
-                                      model_time=self.diffusion.model_step, keep_sigma=True)
+                                      model_time=self.diffusion.model_step, keep_sigma=True, on_call=tick)
             with autocast:
                 if s["sampler"] == "ddpm":
                     return ddpm_sample(denoiser, x1, self.diffusion, gens)
                 return ddim_sample(denoiser, x1, self.diffusion)
-        velocity = GuidedVelocity(self.forward, cond, null, s["cfg"], s["guidance_interval"])
+        velocity = GuidedVelocity(self.forward, cond, null, s["cfg"], s["guidance_interval"], on_call=tick)
         with autocast:
             if s["sampler"] == "ode":
                 return ode_sample(velocity, x1, s["steps"], heun=s["heun"])
@@ -165,8 +168,8 @@ class Generator:
         unscaled = (z.float() - latent.get("shift", 0.0)) / latent["scale_factor"]
         return self.autoencoder.decode(unscaled * self.autoencoder.scale_factor)
 
-    def images(self, indices: Sequence[int]) -> torch.Tensor:
-        return self.decode(self.latents(indices))
+    def images(self, indices: Sequence[int], progress: Optional[Callable[[float], None]] = None) -> torch.Tensor:
+        return self.decode(self.latents(indices, progress))
 
 
 def write_png(path: str, image: torch.Tensor) -> None:
@@ -244,15 +247,16 @@ def generate(args: argparse.Namespace) -> dict:
     todo = [i for i in shard(args.num_samples, state.process_index, state.num_processes)
             if not os.path.isfile(image_path(args.out, i))]
     done, start = 0, time.perf_counter()
-    bar = tqdm(total=len(todo), desc=f"rank {state.process_index}", unit="img",
-               disable=not state.is_local_main_process)
+    # in images, advanced at every model evaluation: it moves (with a rate and an ETA) within a batch
+    bar = tqdm(total=len(todo), desc=f"rank {state.process_index}", unit="img", disable=not state.is_local_main_process,
+               bar_format="{l_bar}{bar}| {n:.1f}/{total} [{elapsed}<{remaining}, {rate_fmt}]")
     for b in range(0, len(todo), args.batch_size):
         indices = todo[b:b + args.batch_size]
-        for i, img in zip(indices, gen.images(indices)):
+        for i, img in zip(indices, gen.images(indices, progress=bar.update)):
             write_png(image_path(args.out, i), img)
         done += len(indices)
-        bar.update(len(indices))
-        bar.set_postfix(img_per_s=f"{done / (time.perf_counter() - start):.2f}")
+        bar.n = done  # the evaluations' shares add up to the batch, up to rounding
+        bar.refresh()
     bar.close()
     rate = done / max(time.perf_counter() - start, 1e-9)
     print(f"rank {state.process_index}: {done} images in {time.perf_counter() - start:.1f} s ({rate:.2f} img/s)",
@@ -366,7 +370,20 @@ def main(argv: Optional[list[str]] = None) -> None:
     apply_preset(p, argv)
     args = p.parse_args(argv)
     validate_generation_args(p, args)
-    generate(args)
+    exit_on_user_error(generate, args)
+
+
+USER_ERRORS = (ValueError, FileNotFoundError, WriteError)  # bad files, settings that do not fit, a full disk
+
+
+def exit_on_user_error(fn, *args):
+    """fn(*args); an error of the user's input (a corrupt or missing file, settings that do not fit an existing
+    folder, missing weights) is one line on stderr and exit code 2, not a traceback."""
+    try:
+        return fn(*args)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ class GuidedVelocity:
     in t. Outputs with more channels than x (learned sigma, 2C) are cut to the first C before guiding, unless
     keep_sigma: then (B, 2C) with the extra C channels of the conditional forward. model_time(t) -> the model's
     timestep input (default: t itself). `forwards` counts model calls and `rows` the samples pushed through them
-    (for NFE/throughput checks).
+    (for NFE/throughput checks); `on_call()`, if given, runs after every call (a progress bar).
 
     Called as velocity(x, t, guide_t=...) (takes_guide_t), the interval is tested at guide_t instead of t: Heun's
     corrector passes its step's start, so the whole step is guided or not, as the reference (eval.samplers).
@@ -35,7 +35,8 @@ class GuidedVelocity:
 
     def __init__(self, model: nn.Module, cond: Mapping[str, torch.Tensor], null_cond: Mapping[str, torch.Tensor],
                  scale: float = 1.0, interval: tuple[float, float] = (0.0, 1.0),
-                 model_time: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, keep_sigma: bool = False):
+                 model_time: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, keep_sigma: bool = False,
+                 on_call: Optional[Callable[[], None]] = None):
         if set(cond) != set(null_cond):
             raise ValueError(f"cond keys {sorted(cond)} and null-cond keys {sorted(null_cond)} differ")
         low, high = interval
@@ -47,7 +48,7 @@ class GuidedVelocity:
         self.cond = dict(cond)
         self.null = {k: _broadcast(k, null_cond[k], cond[k]) for k in cond}
         self.dtype = next(model.parameters()).dtype
-        self.model_time, self.keep_sigma = model_time, keep_sigma
+        self.model_time, self.keep_sigma, self.on_call = model_time, keep_sigma, on_call
         self.forwards = self.rows = 0
 
     def _forward(self, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
@@ -56,6 +57,8 @@ class GuidedVelocity:
         out = out[0] if isinstance(out, (tuple, list)) else out
         self.forwards += 1
         self.rows += x.shape[0]
+        if self.on_call is not None:
+            self.on_call()
         if self.keep_sigma:
             if out.shape[1] != 2 * x.shape[1]:
                 raise ValueError(f"keep_sigma needs a learned-sigma model ({2 * x.shape[1]} output channels), "

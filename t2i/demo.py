@@ -113,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # 3: training, two CPU ranks under the deepspeed launcher
     run([os.path.join(BIN, "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "t2i/train.py",
-         "--config", CONFIG, f"run.dir={run_dir}", f"data.path={data}", f"train.max_steps={args.steps}",
+         "--config", CONFIG, f"run.dir={run_dir}", "data.kind=shards", f"data.path={os.path.join(data, 'train')}",
+         f"train.max_steps={args.steps}",
          "train.log_every=50"], log)
 
     # 4-5: sampling with both samplers, proxy FID, colour match

@@ -18,7 +18,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from core.text_encoders import load_text_encoder
-from eval.generate import Generator
+from eval.generate import Generator, exit_on_user_error
 from eval.loading import load_eval_model, objective_config
 from t2i.evaluation import PromptConditioner
 
@@ -42,8 +42,10 @@ def sample_images(model, meta: dict, contexts: torch.Tensor, null_context: torch
 
 
 def caption_grid(images: np.ndarray, captions: list[str], columns: int = 8, scale: int = 2) -> Image.Image:
-    """The samples in a grid, each with its caption underneath (wrapped)."""
+    """The samples in a grid of up to `columns` per row (as many as there are samples when fewer), each with its
+    caption underneath (wrapped)."""
     n, h, w, _ = images.shape
+    columns = max(1, min(columns, n))
     cell_w = max(w * scale, 160)
     lines = [textwrap.wrap(c, width=cell_w // 6)[:4] for c in captions]
     text_h = 11 * max(len(x) for x in lines) + 4
@@ -88,12 +90,15 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    return exit_on_user_error(sample_grid, args, prompts)
+
+
+def sample_grid(args, prompts: list[str]) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, meta = load_eval_model(args.run, device)
     spec = args.text_encoder or meta["data"].get("text_encoder")
     if not spec:
-        print("error: the run records no text encoder; pass --text-encoder", file=sys.stderr)
-        return 2
+        raise ValueError("the run records no text encoder; pass --text-encoder")
     tokens = meta["data"].get("text_embedding", {}).get("shape", [None])[0]  # the L the model was trained on
     text = load_text_encoder(spec, device, tokens=tokens)
     with torch.no_grad():

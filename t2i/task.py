@@ -37,7 +37,7 @@ class T2IModelConfig:
 @dataclass
 class T2IDataConfig:
     kind: str = "shards"  # shards: a prepared COCO dataset (data_prep.coco); synthetic: generated shapes
-    path: str = ""  # the prepared dataset directory; for synthetic, where to write it ("" = <run.dir>/data)
+    path: str = ""  # the prepared dataset directory (kind=shards); a synthetic set is generated in <run.dir>/data
     synthetic_samples: int = 512
     synthetic_resolution: int = 32
     synthetic_text_encoder: str = "clip-tiny"  # the generated set's caption encoder (random-init offline)

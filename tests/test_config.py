@@ -39,6 +39,8 @@ def test_yaml_and_overrides_typed():
     ("train.ds_config=ds_configs/nope.json", "train.ds_config: file 'ds_configs/nope.json' does not exist"),
     ("noequals", "is not of the form section.key=value"),
     ("run.seed=-1", "run.seed must be >= 0, got -1"),
+    ("data.path=/data/in256", "data.path='/data/in256' is for a prepared dataset, and data.kind=synthetic generates "
+     "its own under run.dir/data: set data.kind=shards"),
     ("train.beta2=1.5", "train.beta2 must be in [0, 1), got 1.5"),
     ("train.grad_clip=-1", "train.grad_clip must be >= 0 (0 = no clipping), got -1.0"),
     ("train.weight_decay=-0.1", "train.weight_decay must be >= 0, got -0.1"),
@@ -112,7 +114,11 @@ def test_cli_reports_config_error_before_building_anything(tmp_path):
 
 
 def test_resolved_config_written_to_run_dir(tmp_path, tiny_args):
-    run_train(tiny_args("train.max_steps=1", "train.lr=3e-4"))
+    proc = run_train(tiny_args("train.max_steps=1", "train.lr=3e-4"))
+    said = [line for line in proc.stdout.splitlines() if line.startswith(("run", "data:", "model:", "DeepSpeed:"))
+            or ": a new run" in line]
+    assert [s.split(":")[0] for s in said[1:]] == ["data", "data", "model", "DeepSpeed"], proc.stdout[-2000:]
+    assert said[0].endswith(": a new run")  # start-up says what it is doing before the first step
     written = yaml.safe_load(open(tmp_path / "run" / "config.yaml"))
     assert written["train"]["lr"] == 3e-4 and written["model"]["preset"] == "tiny"
     assert written["run"]["dir"] == str(tmp_path / "run")

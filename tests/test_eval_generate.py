@@ -63,7 +63,7 @@ def test_generate_writes_pngs_npz_and_settings(export, tmp_path):
     assert settings["guidance_interval"] == [0.0, 0.7] and settings["num_samples"] == 7
 
 
-def test_resume_regenerates_only_missing_and_batching_does_not_matter(export, tmp_path):
+def test_resume_regenerates_only_missing_and_batching_does_not_matter(export, tmp_path, capsys):
     out = tmp_path / "samples"
     _gen(export, out)
     first = np.load(out / "samples.npz")["arr_0"]
@@ -77,8 +77,9 @@ def test_resume_regenerates_only_missing_and_batching_does_not_matter(export, tm
     other = tmp_path / "other_seed"
     _gen(export, other, "--seed", "6")
     assert not np.array_equal(np.load(other / "samples.npz")["arr_0"], first)
-    with pytest.raises(ValueError, match=r"other settings \(cfg"):
+    with pytest.raises(SystemExit) as exc:  # one line, exit 2: a user's error, not a traceback
         _gen(export, out, "--cfg", "3.0")
+    assert exc.value.code == 2 and "holds samples made with other settings (cfg" in capsys.readouterr().err
 
 
 def test_ode_sampler_and_no_guidance(export, tmp_path):
@@ -139,12 +140,13 @@ def test_two_processes_under_accelerate_match_one(export, tmp_path):
     assert np.array_equal(two["arr_1"], one["arr_1"])
 
 
-def test_a_rerun_with_another_precision_is_refused(export, tmp_path):
+def test_a_rerun_with_another_precision_is_refused(export, tmp_path, capsys):
     out = tmp_path / "samples"
     _gen(export, out)
     assert json.loads((out / "generation.json").read_text())["precision"] == "fp32"
-    with pytest.raises(ValueError, match=r"other settings \(precision: \['fp32'\] there, \['bf16'\] now\)"):
+    with pytest.raises(SystemExit):
         _gen(export, out, "--precision", "bf16")
+    assert "other settings (precision: ['fp32'] there, ['bf16'] now)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("option,value,message", [
@@ -233,3 +235,17 @@ def test_paper_sampling_presets_load_and_become_the_defaults(export, tmp_path, c
     with pytest.raises(SystemExit):
         generate_main(["--run", str(export), "--preset", str(preset), "--out", str(tmp_path / "c")])
     assert "--preset: unknown config key 'stepz' (did you mean 'steps'?)" in capsys.readouterr().err
+
+
+def test_progress_moves_at_every_model_evaluation_within_a_batch(export):
+    """A 250-step SDE batch used to show 0 images until its end; the bar now advances at every evaluation."""
+    from eval.generate import Generator
+
+    gen = Generator.load(str(export), sampler="sde", steps=6, cfg=2.0, guidance_interval=(0.0, 0.7), seed=5)
+    ticks = []
+    images = gen.images([0, 1, 2], progress=ticks.append)
+    assert len(ticks) == 6 and sum(ticks) == pytest.approx(3) and images.shape[0] == 3  # NFE 6, 3 images
+    ode = Generator.load(str(export), sampler="ode", steps=4, heun=True)
+    ticks.clear()
+    ode.images([0], progress=ticks.append)
+    assert len(ticks) == 7 and sum(ticks) == pytest.approx(1)  # Heun: 2N - 1 evaluations

@@ -21,6 +21,7 @@ NOT_RUN = {
     "python -m class_cond.import_repa SiT-XL-2-256.pt": "the official checkpoint (tests/test_eval_import_repa.py)",
     "sbatch": "a Slurm cluster (tests/test_slurm.py starts one and submits these scripts)",
     "CONFIG=": "a Slurm cluster (tests/test_slurm.py)",
+    "HF_HUB_OFFLINE=1": "the weights downloaded to /models (tests/test_user_errors.py: the offline errors)",
 }
 # The run directories the README's later commands read, played by runs the earlier commands train.
 STAND_INS = {"runs/coco": "t2i_tiny", "runs/x": "tiny"}

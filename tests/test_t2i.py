@@ -162,7 +162,7 @@ def test_synthetic_text_tokens_are_checked_against_the_config_and_the_generated_
     make_synthetic_t2i(str(tmp_path / "data"), 8, 32, "clip-tiny", "pixel-s2d2", text_tokens=12)
     ctx = DistContext(0, 1, 0, torch.device("cpu"))
     load = lambda L: load_config(T2IConfig, "configs/debug/t2i_tiny.yaml",  # noqa: E731
-                                 [f"data.path={tmp_path / 'data'}", f"data.synthetic_text_tokens={L}"])
+                                 [f"run.dir={tmp_path}", f"data.synthetic_text_tokens={L}"])  # the set: run.dir/data
     assert T2ITask.prepare_data(load(12), ctx).manifest["text_embedding"]["shape"] == [12, 32]
     with pytest.raises(ConfigError, match=r"stores 12 caption tokens but data.synthetic_text_tokens=16; delete it"):
         T2ITask.prepare_data(load(16), ctx)

@@ -15,16 +15,16 @@ T2I_TINY = os.path.join(REPO, "configs", "debug", "t2i_tiny.yaml")
 
 @pytest.fixture(scope="module")
 def shapes_data(tmp_path_factory):
-    """The tiny config's generated dataset, made once (through a 1-step run) and shared by the tests here."""
+    """The tiny config's generated dataset (in its run.dir/data), made once through a 1-step run and shared by the
+    tests here as a prepared dataset."""
     root = tmp_path_factory.mktemp("shapes")
-    run_train(["--config", T2I_TINY, f"run.dir={root / 'seed_run'}", f"data.path={root / 'data'}",
-               "data.synthetic_samples=128", "train.max_steps=1", "train.num_workers=0", "train.tensorboard=false"],
-              script="t2i/train.py")
-    return root / "data"
+    run_train(["--config", T2I_TINY, f"run.dir={root / 'seed_run'}", "data.synthetic_samples=128",
+               "train.max_steps=1", "train.num_workers=0", "train.tensorboard=false"], script="t2i/train.py")
+    return root / "seed_run" / "data"
 
 
 def t2i_args(run_dir, data, *overrides):
-    return ["--config", T2I_TINY, f"run.dir={run_dir}", f"data.path={data}", "data.synthetic_samples=128",
+    return ["--config", T2I_TINY, f"run.dir={run_dir}", "data.kind=shards", f"data.path={data / 'train'}",
             "train.num_workers=0", "train.tensorboard=false", *overrides]
 
 

@@ -1,7 +1,9 @@
 """End-to-end training on CPU through the real launchers: learning, ZeRO stages, resume, signals, faults."""
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import time
 
@@ -125,8 +127,8 @@ def test_bf16_precisions_train(tmp_path, tiny_args, ds_config):
     assert ema["blocks.0.attn.qkv.weight"].dtype == torch.float32
 
 
-def test_sigusr1_checkpoints_and_exits_for_requeue(tmp_path, tiny_args):
-    run = tmp_path / "run"
+def _start_long_run(run, tiny_args):
+    """A training that would run for hours, started as `python -m`; returns once it logged its first step."""
     args = tiny_args("train.max_steps=100000", "train.ckpt_every=100000", "train.log_every=1", run_dir=run)
     cmd = launch_cmd("python", os.path.join(REPO, "class_cond/train.py"), 1) + args
     proc = subprocess.Popen(cmd, cwd=REPO, env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -134,11 +136,20 @@ def test_sigusr1_checkpoints_and_exits_for_requeue(tmp_path, tiny_args):
     while not (run / "metrics.jsonl").exists():  # the first logged step: the signal handlers are installed
         assert proc.poll() is None and time.time() < deadline
         time.sleep(0.1)
-    proc.send_signal(signal.SIGUSR1)
+    return proc
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGINT])
+def test_a_signal_checkpoints_and_exits_for_requeue(tmp_path, tiny_args, sig):
+    """Slurm's USR1 and a Ctrl-C (SIGINT) alike: a checkpoint after the step in progress, exit 75, no traceback."""
+    run = tmp_path / "run"
+    proc = _start_long_run(run, tiny_args)
+    proc.send_signal(sig)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 75, out[-2000:]
     (step, path), = list_checkpoints(run)
-    assert step > 0 and f"checkpoint at step {step} written" in out
+    assert step > 0 and f"checkpoint at step {step} written; rerun the same command to resume from it" in out
+    assert "Traceback" not in out
     # rerunning the same command resumes from that step
     done = run_train(tiny_args(f"train.max_steps={step + 3}", "train.ckpt_every=100000", "train.log_every=1",
                                run_dir=run))
@@ -163,6 +174,48 @@ def test_nan_loss_skipped_and_counted(tmp_path, tiny_args):
                         run_dir=run))
     (record,) = read_metrics(run)
     assert record["step"] == 12 and record["skipped_steps"] > 0
+
+
+def test_a_second_ctrl_c_stops_at_once_in_one_line(tmp_path, tiny_args):
+    run = tmp_path / "run"
+    proc = _start_long_run(run, tiny_args)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out[-2000:]
+    assert "interrupted: stopped at once without a checkpoint" in out and "Traceback" not in out
+
+
+def test_a_second_training_on_the_same_run_dir_is_refused_naming_the_first(tmp_path, tiny_args):
+    run = tmp_path / "run"
+    first = _start_long_run(run, tiny_args)
+    try:
+        second = run_train(tiny_args("train.max_steps=2", run_dir=run), check=False)
+        assert second.returncode == 2, second.stderr[-2000:]
+        assert f"is in use by another training (host {socket.gethostname()}, pid {first.pid}, since" in second.stderr
+        assert first.poll() is None  # the first goes on, its files untouched by the second
+    finally:
+        first.kill()  # SIGKILL: the lock goes with the process, nothing stale is left
+        first.communicate(timeout=60)
+    run_train(tiny_args("train.max_steps=2", "run.allow_config_change=true", run_dir=run))
+
+
+def test_a_resumed_run_drops_what_was_logged_past_its_checkpoint(tmp_path, tiny_args):
+    """Steps logged after the newest checkpoint (a kill between logging and saving) are replayed on resume: the
+    metrics file and TensorBoard read as one run, each step once."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    args = ("train.ckpt_every=3", "train.log_every=1", "train.tensorboard=true")
+    run_train(tiny_args("train.max_steps=6", *args, run_dir=run))
+    shutil.rmtree(run / "checkpoints" / "step_00000006")  # as if killed after logging step 6, before its save
+    run_train(tiny_args("train.max_steps=8", *args, run_dir=run))
+    with open(run / "metrics.jsonl") as f:
+        assert [json.loads(line)["step"] for line in f] == list(range(1, 9))
+    events = EventAccumulator(str(run / "tb"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 9))
 
 
 def test_metrics_of_a_replayed_step_read_once_latest_wins(tmp_path):
