@@ -134,3 +134,8 @@ class ClassCondTask:
 
     def random_condition(self, n: int, generator: torch.Generator) -> dict:
         return {"label": torch.randint(0, self.num_classes, (n,), generator=generator)}
+
+    def preview(self, n: int) -> tuple[ClassConditioner, list[str]]:
+        """Classes 0, 1, ... (mod num_classes), named as the dataset's class folders when it records them."""
+        names = self.data.manifest.get("classes") or [f"class {c}" for c in range(self.num_classes)]
+        return ClassConditioner(self.num_classes), [names[i % self.num_classes] for i in range(n)]

@@ -84,6 +84,35 @@ class ObjectiveConfig:
 
 
 @dataclass
+class MonitorConfig:
+    """What a run shows of itself while it trains (eval/monitor.py). None of it changes the training trajectory
+    (its randomness is its own), so a resume may change any of these keys. An *_every of 0 is off."""
+
+    sample_every: int = 0  # steps between grids of EMA samples (run.dir/samples/step_N.png, TensorBoard, W&B)
+    sample_count: int = 16  # the grid's fixed conditions (classes 0, 1, ...; T2I: the first training captions)
+    sample_steps: int = 25  # ODE Euler steps of a grid
+    sample_cfg: float = 4.0  # the grid's guidance scale (the paper's sample figures use w = 4, Figs. 6 and 37)
+    eval_every: int = 0  # steps between FID / FD-DINOv2 (/ CLIP score) of the EMA model (run.dir/eval.jsonl)
+    eval_samples: int = 1000  # samples generated per evaluation, spread over the ranks
+    eval_steps: int = 50  # ODE Euler steps (NFE 50, the paper's ODE setting)
+    eval_cfg: float = 1.0  # guidance scale of the evaluation samples
+    eval_ref: str = ""  # reference: a prepared dataset with images (T2I: a val split, which gives the captions too)
+    #                     or an ADM .npz; "" = the training data (T2I: its val split beside it)
+    eval_features: str = "inception"  # FID features: inception (clean-fid legacy_tensorflow) or proxy (labelled)
+    inception_weights: str = ""  # a local inception-2015-12-05.pt (offline machines)
+    fd_encoder: str = ""  # FD-DINOv2's encoder spec; "" = the run's first REPA encoder when it is a DINOv2; none = off
+    clip_score: str = ""  # T2I: an open_clip ARCH@TAG for the CLIP score, or tiny (random-init, labelled); "" = off
+    max_share: float = 0.25  # an evaluation is skipped while evaluations took more than this share of the wall time
+    val_every: int = 0  # steps between validation losses of the EMA model at fixed times and noise (eval.jsonl)
+    val_samples: int = 64  # samples of the validation subset
+    val_times: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])  # t (1 = noise)
+    val_path: str = ""  # a prepared dataset held out from training; "" = the first val_samples training samples
+    wandb: bool = False  # log to Weights & Biases as well (one W&B run per run.dir, kept across resumes)
+    wandb_project: str = "repa"
+    wandb_mode: str = "online"  # online, or offline (files under run.dir/wandb, `wandb sync` later)
+
+
+@dataclass
 class TaskConfig:
     """The sections of every task's top-level config; a task's config (core/task.py) sets `task` to its name and
     adds its `model` and `data` sections."""
@@ -93,6 +122,7 @@ class TaskConfig:
     repa: RepaConfig = field(default_factory=RepaConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -244,7 +274,7 @@ def to_dict(cfg: Any) -> dict:
 
 # Keys that do not change a run's trajectory: a resume may change them freely.
 BOOKKEEPING_KEYS = ("run.dir", "train.max_steps", "train.ckpt_every", "train.log_every", "train.num_workers",
-                    "train.tensorboard", "run.keep_last", "run.allow_config_change", "train.compile")
+                    "train.tensorboard", "run.keep_last", "run.allow_config_change", "train.compile", "monitor.")
 
 
 def _flat(tree: dict, ignore: tuple[str, ...] = BOOKKEEPING_KEYS) -> dict:
@@ -254,7 +284,7 @@ def _flat(tree: dict, ignore: tuple[str, ...] = BOOKKEEPING_KEYS) -> dict:
         for k, v in d.items():
             if isinstance(v, dict):
                 walk(v, f"{prefix}{k}.")
-            elif f"{prefix}{k}" not in ignore:
+            elif f"{prefix}{k}" not in ignore and prefix not in ignore:  # "monitor." ignores a whole section
                 flat[f"{prefix}{k}"] = v
 
     walk(tree, "")
@@ -340,8 +370,29 @@ def validate_task_config(cfg: Any, task: str, presets: dict, producer: str, chec
         check_block("repa.depth", cfg.repa.depth, cfg.model.preset, presets[cfg.model.preset]["depth"])
 
 
+def validate_monitor(m: MonitorConfig) -> None:
+    """Ranges and choices of the monitor section."""
+    for key in ("sample_every", "eval_every", "val_every"):
+        if getattr(m, key) < 0:
+            raise ConfigError(f"monitor.{key} must be >= 0 (0 = off), got {getattr(m, key)}")
+    check_positive(monitor__sample_count=m.sample_count, monitor__sample_steps=m.sample_steps,
+                   monitor__eval_samples=m.eval_samples, monitor__eval_steps=m.eval_steps,
+                   monitor__val_samples=m.val_samples, monitor__max_share=m.max_share)
+    for key in ("sample_cfg", "eval_cfg"):
+        if not getattr(m, key) >= 0:
+            raise ConfigError(f"monitor.{key} must be >= 0 (1 = no guidance), got {getattr(m, key)}")
+    if m.eval_samples < 2:
+        raise ConfigError(f"monitor.eval_samples must be >= 2 (a covariance), got {m.eval_samples}")
+    if not m.val_times or not all(0 < t <= 1 for t in m.val_times):
+        raise ConfigError(f"monitor.val_times must be times in (0, 1] (1 = noise), got {m.val_times}")
+    check_choice("monitor.eval_features", m.eval_features, ("inception", "proxy"))
+    check_choice("monitor.wandb_mode", m.wandb_mode, ("online", "offline"))
+
+
 def validate_common(cfg: Any) -> None:
-    """Checks shared by every task's config: ranges and choices of the run/train/repa/objective sections."""
+    """Checks shared by every task's config: ranges and choices of the run/train/repa/objective/monitor
+    sections."""
+    validate_monitor(cfg.monitor)
     t, r = cfg.train, cfg.repa
     check_positive(train__max_steps=t.max_steps, train__global_batch=t.global_batch, train__lr=t.lr,
                    train__ckpt_every=t.ckpt_every, train__log_every=t.log_every, run__keep_last=cfg.run.keep_last)

@@ -145,12 +145,25 @@ class TargetEncoder(nn.Module):
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images: (B, 3, H, W) in 0..255 -> (B, num_tokens, embed_dim) float32 patch tokens (no CLS/registers)."""
+        return self._run(self._tokens, images)
+
+    @torch.no_grad()
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """images: (B, 3, H, W) in 0..255 -> (B, embed_dim) float32, one vector per image: the encoder's image
+        embedding (DINOv2: the CLS token after the final norm, the feature of FD-DINOv2, Stein et al. 2023), else
+        the mean patch token."""
+        return self._run(self._embedding, images)
+
+    def _embedding(self, x: torch.Tensor) -> torch.Tensor:
+        return self._tokens(x).mean(1)
+
+    def _run(self, fn, images: torch.Tensor) -> torch.Tensor:
         x = self.preprocess(images)
         x = x.to(next(self.model.parameters()).dtype)
         on_cuda = x.device.type == "cuda"
         with torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda else contextlib.nullcontext():
-            tokens = self._tokens(x)
-        return tokens.float()
+            out = fn(x)
+        return out.float()
 
     def extra_repr(self) -> str:
         return (f"name={self.description!r}, input_size={self.input_size}, patch_size={self.patch_size}, "
@@ -168,6 +181,9 @@ class DinoV2Encoder(TargetEncoder):
 
     def _tokens(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(pixel_values=x).last_hidden_state[:, 1:]
+
+    def _embedding(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=x).last_hidden_state[:, 0]
 
 
 class OpenClipViTEncoder(TargetEncoder):

@@ -9,6 +9,7 @@ object and know nothing else of the task:
     model = Task.build_model(kw)             the same from a checkpoint's record, with no data at hand
     cond  = task.condition(batch, drop)      a batch's model condition, the null condition where `drop`
     cond  = task.random_condition(n, g)      the same fields with random values (benchmark batches)
+    task.preview(n)                          fixed conditions of the sample grids shown while training
     Task.conditioner(record, options)        the conditions of sample indices for evaluation (Conditioner)
 
 Tasks are found by name (the YAML's `task:`, the `model.task` of a checkpoint record) among the entry points of
@@ -124,6 +125,9 @@ class Task(Protocol):
     def random_condition(self, n: int, generator: torch.Generator) -> dict:
         """Batch fields of the condition for `n` random samples (host tensors), as `dataset` yields them."""
 
+    def preview(self, n: int) -> tuple[Conditioner, list[str]]:
+        """Fixed conditions of an in-training sample grid (up to `n`) and a caption for each."""
+
 
 def generated_dataset(cfg, ctx: DistContext, manifest: str, make: Callable[[str], None]) -> str:
     """The directory of a task's generated tiny dataset (data.kind=synthetic): run.dir/data. Rank 0 makes it with
@@ -140,15 +144,21 @@ def task_names() -> list[str]:
     return sorted(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))
 
 
+def plugin(group: str, name: str, what: str) -> Any:
+    """The object registered as `name` among the entry points of `group` (pyproject.toml); ValueError naming
+    the registered ones otherwise. `what` names the kind in the message ("task")."""
+    found = [ep for ep in entry_points(group=group) if ep.name == name]
+    if not found:
+        names = sorted(ep.name for ep in entry_points(group=group))
+        hint = ("" if names else f" (none are: install the project with `pip install -e .`, which registers the "
+                f"{what}s of pyproject.toml)")
+        raise ValueError(f"unknown {what} {name!r}; registered {what}s: {', '.join(names)}{hint}")
+    return found[0].load()
+
+
 def get_task(name: str) -> Any:
     """The task class registered as `name`; ValueError listing the registered names otherwise."""
-    found = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == name]
-    if not found:
-        names = task_names()
-        hint = ("" if names else " (none are: install the project with `pip install -e .`, which registers the "
-                "tasks of pyproject.toml)")
-        raise ValueError(f"unknown task {name!r}; registered tasks: {', '.join(names)}{hint}")
-    return found[0].load()
+    return plugin(ENTRY_POINT_GROUP, name, "task")
 
 
 def load_task_config(path: str, overrides: Sequence[str] = (), default_task: str | None = None,

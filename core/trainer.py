@@ -21,7 +21,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from core import checkpoint as ckpt
 from core.checkpoint import EXIT_PREEMPTED, Checkpointer, PreemptionSignals, RunState
-from core.config import ConfigError, config_hash, save_config
+from core.config import ConfigError, config_hash, save_config, to_dict
 from core.data import StepSampler, make_loader
 from core.dist import DistContext, any_rank, barrier, mean_over_ranks, setup_distributed
 from core.ema import EMA
@@ -39,10 +39,11 @@ from core.latents import sample_latents
 from core.logging import MetricsLogger
 from core.repa import repa_loss
 from core.shards import feature_key, has_images, stored_features
-from core.task import DataInfo, Task, get_task
+from core.task import DataInfo, Task, get_task, plugin
 from core.transport import build_objective
 
 log = logging.getLogger(__name__)
+MONITOR_GROUP = "repa_train.monitors"  # entry points of what shows a run while it trains (pyproject.toml)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -288,8 +289,12 @@ class StepLog:
     NAMES = ("loss", "denoise_loss", "repa_loss")
 
     def __init__(self, plan: RunPlan, resume_step: int | None = None):
+        """`resume_step`: the step a resumed run continues from (None: a new run)."""
+        cfg = plan.cfg
+        wandb = ({"project": cfg.monitor.wandb_project, "mode": cfg.monitor.wandb_mode, "config": to_dict(cfg)}
+                 if cfg.monitor.wandb else None)
         self.plan = plan
-        self.logger = MetricsLogger(plan.cfg.run.dir, plan.ctx.is_main, plan.cfg.train.tensorboard, resume_step)
+        self.logger = MetricsLogger(cfg.run.dir, plan.ctx.is_main, cfg.train.tensorboard, resume_step, wandb)
         self._reset()
 
     def _reset(self) -> None:
@@ -322,6 +327,22 @@ class StepLog:
         self.logger.close()
 
 
+class Monitor(Protocol):
+    """What the loop calls after each optimiser step, on every rank, to show the run while it trains (the config's
+    monitor section): eval.monitor.TrainingMonitor, found by name like the tasks (core imports no eval)."""
+
+    def step_done(self, run: Run, state: RunState, logger: MetricsLogger) -> float:
+        """Sample, score or validate when due; returns the seconds it took (left out of the throughput)."""
+
+
+def make_monitor(plan: RunPlan) -> Monitor | None:
+    """The monitor of the plan's config, None when the monitor section asks for nothing."""
+    m = plan.cfg.monitor
+    if not (m.sample_every or m.eval_every or m.val_every):
+        return None
+    return plugin(MONITOR_GROUP, "default", "monitor")(plan)
+
+
 def train(cfg) -> int:
     """Run (or resume) training as configured; returns the process exit code (0 done, 75 preempted)."""
     signals = PreemptionSignals()  # first: a preemption signal during start-up must not kill the job un-requeued
@@ -335,6 +356,7 @@ def train(cfg) -> int:
 
 def _train(cfg, ctx: DistContext, checkpointer: Checkpointer) -> int:
     plan, resume_from = preflight(cfg, ctx, checkpointer)
+    monitor = make_monitor(plan)  # before the model: a monitor setting that cannot work fails here
     run = build_run(plan)
     torch.manual_seed(cfg.run.seed * 7919 + ctx.rank)
     state = plan.new_state()
@@ -361,6 +383,8 @@ def _train(cfg, ctx: DistContext, checkpointer: Checkpointer) -> int:
             if state.step % cfg.train.log_every == 0 or done:
                 state.sum_counters(ctx.device)
                 steplog.write(state, run.engine, bar)
+            if monitor is not None:
+                steplog.exclude(monitor.step_done(run, state, steplog.logger))
             saving_s, stopped = checkpointer.step_done(run.engine, run.ema, state, done)
             steplog.exclude(saving_s)
     finally:

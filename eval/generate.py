@@ -22,6 +22,7 @@ import dataclasses
 import json
 import os
 import sys
+import textwrap
 import time
 import zipfile
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 from accelerate import PartialState
-from PIL import Image
+from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from core.config import ConfigError, load_config
@@ -88,13 +89,14 @@ class Generator:
 
     model, meta: from eval.loading.load_eval_model (or `Generator.load(source, ...)`). The conditions of sample
     indices come from `conditioner` (core.task.Conditioner), else from the task of the model's record
-    (Task.conditioner with {"cond_file": cond_file}).
+    (Task.conditioner with {"cond_file": cond_file}). `autoencoder`: the decoder, if already built.
     """
 
     def __init__(self, model: torch.nn.Module, meta: dict, sampler: Optional[str] = None, steps: int = 250,
                  heun: bool = False, cfg: float = 1.0, guidance_interval: Sequence[float] = (0.0, 1.0),
                  t_last: float = 0.04, seed: int = 0, vae: Optional[str] = None, cond_file: Optional[str] = None,
-                 conditioner: Optional[Conditioner] = None, precision: str = "fp32", compile: bool = False):
+                 conditioner: Optional[Conditioner] = None, precision: str = "fp32", compile: bool = False,
+                 autoencoder=None):
         known = [name for names in SAMPLERS.values() for name in names]
         if sampler is not None and sampler not in known:
             raise ValueError(f"sampler must be one of {', '.join(known)}, got {sampler!r}")
@@ -117,7 +119,8 @@ class Generator:
             conditioner = get_task(task_name).conditioner(self.meta, {"cond_file": cond_file})
         self.conditioner = conditioner
         latent = self.meta["latent"]
-        self.autoencoder = build_autoencoder(vae or latent["autoencoder"], self.device)
+        # `autoencoder`: one already built (an in-training monitor keeps its SD-VAE instead of loading it each time)
+        self.autoencoder = autoencoder or build_autoencoder(vae or latent["autoencoder"], self.device)
         self.latent_shape = tuple(latent["shape"])
         self.precision = precision
         self.settings = {
@@ -170,6 +173,25 @@ class Generator:
 
     def images(self, indices: Sequence[int], progress: Optional[Callable[[float], None]] = None) -> torch.Tensor:
         return self.decode(self.latents(indices, progress))
+
+
+def caption_grid(images: np.ndarray, captions: list[str], columns: int = 8, scale: int = 2) -> Image.Image:
+    """The samples in a grid of up to `columns` per row (as many as there are samples when fewer), each with its
+    caption underneath (wrapped)."""
+    n, h, w, _ = images.shape
+    columns = max(1, min(columns, n))
+    cell_w = max(w * scale, 160)
+    lines = [textwrap.wrap(c, width=cell_w // 6)[:4] for c in captions]
+    text_h = 11 * max(len(x) for x in lines) + 4
+    rows = (n + columns - 1) // columns
+    grid = Image.new("RGB", (columns * cell_w, rows * (h * scale + text_h)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, (img, caption_lines) in enumerate(zip(images, lines)):
+        x, y = (i % columns) * cell_w, (i // columns) * (h * scale + text_h)
+        grid.paste(Image.fromarray(img).resize((w * scale, h * scale), Image.NEAREST), (x + (cell_w - w * scale) // 2, y))
+        for j, line in enumerate(caption_lines):
+            draw.text((x + 2, y + h * scale + 2 + 11 * j), line, fill="black")
+    return grid
 
 
 def write_png(path: str, image: torch.Tensor) -> None:

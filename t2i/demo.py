@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -25,12 +26,14 @@ import numpy as np
 
 from core.config import load_config
 from core.dist import free_port
-from core.logging import read_metrics
 from core.shards import read_manifest
+from eval.generate import caption_grid
 from eval.loading import load_eval_model
+from eval.report import load_run, plot_training, plot_validation, read_eval_records
+from eval.report import write_report as write_run_report
 from t2i.data import load_null_context, make_synthetic_t2i
 from t2i.evaluation import CaptionConditioner
-from t2i.sample import caption_grid, sample_images
+from t2i.sample import sample_images
 from t2i.shapes import colour_match
 from t2i.task import T2IConfig
 
@@ -54,23 +57,28 @@ def run(cmd: list[str], log: list) -> float:
     return seconds
 
 
-def plot_losses(run_dir: str, path: str) -> None:
-    # heavy (matplotlib): imported only for the plot; the Agg backend must be chosen before pyplot is imported
-    import matplotlib
+def monitor_overrides(steps: int, samples: int) -> list[str]:
+    """What the training shows of itself while it runs (eval/monitor.py): grids three times, validation losses
+    six times and proxy FID / FD-DINOv2 / CLIP score at the end, the evaluation on `samples` val captions."""
+    every = lambda n: max(1, steps // n)  # noqa: E731
+    return [f"monitor.sample_every={every(3)}", "monitor.sample_count=8", f"monitor.val_every={every(6)}",
+            "monitor.val_samples=64", f"monitor.eval_every={steps}", f"monitor.eval_samples={samples}",
+            "monitor.eval_steps=25", "monitor.eval_cfg=3.0", "monitor.eval_features=proxy", "monitor.clip_score=tiny"]
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # after use("Agg"), as matplotlib requires
 
-    records = read_metrics(run_dir)
-    steps = [r["step"] for r in records]
-    fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
-    ax[0].plot(steps, [r["denoise_loss"] for r in records])
-    ax[0].set(title="denoising loss (velocity MSE)", xlabel="step")
-    ax[1].plot(steps, [r["repa_loss"] for r in records], color="tab:orange")
-    ax[1].set(title="REPA loss (negative cosine)", xlabel="step")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+def in_training_pictures(run_dir: str, out: str) -> dict:
+    """The run's curves (eval.report's plots) and its first and last in-training grids, copied into `out`;
+    returns {name: file name} of what was written, and the run's own report page."""
+    run = load_run(run_dir)
+    made = {"loss": os.path.basename(plot_training(run, os.path.join(out, "loss.png")))}
+    if any(r.get("kind") == "val" for r in run["evals"]):
+        made["validation"] = os.path.basename(plot_validation(run, os.path.join(out, "validation.png")))
+    for label, (step, path) in (("first_grid", run["grids"][0]), ("last_grid", run["grids"][-1])) if run["grids"] \
+            else ():
+        made[label] = f"grid_step_{step}.png"
+        shutil.copyfile(path, os.path.join(out, made[label]))
+    made["page"] = os.path.relpath(write_run_report(run_dir, os.path.join(out, "run_report")), out)
+    return made
 
 
 def load_samples(sample_dir: str) -> np.ndarray:
@@ -114,8 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     # 3: training, two CPU ranks under the deepspeed launcher
     run([os.path.join(BIN, "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "t2i/train.py",
          "--config", CONFIG, f"run.dir={run_dir}", "data.kind=shards", f"data.path={os.path.join(data, 'train')}",
-         f"train.max_steps={args.steps}",
-         "train.log_every=50"], log)
+         f"train.max_steps={args.steps}", "train.log_every=50", *monitor_overrides(args.steps, args.samples)],
+        log)
 
     # 4-5: sampling with both samplers, proxy FID, colour match
     _, record = load_eval_model(run_dir)
@@ -140,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         caption_grid(images[:24], captions[:24], columns=6).save(os.path.join(out, f"samples_{sampler}.png"))
     null = null_caption_samples(run_dir, val, min(args.samples, 128), 50)
     metrics["null_caption_ode"] = {"colour_match": colour_match(null, captions[: len(null)])}
-    plot_losses(run_dir, os.path.join(out, "loss.png"))
+    metrics["pictures"] = in_training_pictures(run_dir, out)
+    metrics["in_training"] = [r for r in read_eval_records(run_dir) if r.get("kind") == "eval"]
     metrics["commands"] = log
     metrics["total_seconds"] = round(time.perf_counter() - t_start, 1)
     with open(os.path.join(out, "metrics.json"), "w") as f:
@@ -148,6 +157,26 @@ def main(argv: list[str] | None = None) -> int:
     write_report(out, metrics, args)
     print(f"\n== done in {metrics['total_seconds']:.0f} s: {out}/report.md", flush=True)
     return 0
+
+
+def while_training(m: dict) -> list[str]:
+    """The report's lines on what the run showed of itself while it trained (eval/monitor.py)."""
+    pics = m["pictures"]
+    lines = ["## While it trained", "",
+             "The training run sampled fixed training captions with fixed seeds (ODE, NFE 25, CFG 4) at set steps, "
+             "measured its EMA model's denoising loss at fixed times on fixed noise, and scored its EMA samples at "
+             "the end (`monitor.*` keys; all PROXY numbers: random-init features and a random-init tiny CLIP). "
+             f"The run's own page: [{pics['page']}]({pics['page']}) (`python -m eval.report RUN`).", "",
+             "![loss curves](loss.png)", ""]
+    if "validation" in pics:
+        lines += [f"![validation losses]({pics['validation']})", ""]
+    for label in ("first_grid", "last_grid"):
+        if label in pics:
+            lines += [f"![{label.replace('_', ' ')}]({pics[label]})", ""]
+    for r in m["in_training"]:
+        scores = ", ".join(f"{k} {v:.3g}" for k, v in r.items() if k.startswith("proxy_"))
+        lines += [f"- step {r['step']}: {scores} ({r['num_samples']} samples)"]
+    return lines + [""]
 
 
 def write_report(out: str, m: dict, args) -> None:
@@ -176,7 +205,7 @@ def write_report(out: str, m: dict, args) -> None:
         f"| ODE NFE {m['ode']['nfe']} | {m['ode']['proxy_fid']:.2f} |",
         f"| SDE NFE {m['sde']['nfe']} | {m['sde']['proxy_fid']:.2f} |", "",
         "## Pictures", "", "![ODE samples](samples_ode.png)", "", "![SDE samples](samples_sde.png)", "",
-        "![loss curves](loss.png)", "",
+        *while_training(m), 
         f"## What ran ({m['total_seconds']:.0f} s in all, 2 CPU cores)", "",
         *[f"- `{c['command']}` ({c['seconds']} s)" for c in m["commands"]], "",
         "## Going further", "",

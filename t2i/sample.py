@@ -11,14 +11,12 @@ every other generation.
 """
 import argparse
 import sys
-import textwrap
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
 
 from core.text_encoders import load_text_encoder
-from eval.generate import Generator, exit_on_user_error
+from eval.generate import Generator, caption_grid, exit_on_user_error
 from eval.loading import load_eval_model, objective_config
 from t2i.evaluation import PromptConditioner
 
@@ -39,25 +37,6 @@ def sample_images(model, meta: dict, contexts: torch.Tensor, null_context: torch
     out = [gen.images(range(start, min(start + batch_size, len(contexts))))
            for start in range(0, len(contexts), batch_size)]
     return torch.cat(out).permute(0, 2, 3, 1).cpu().numpy()
-
-
-def caption_grid(images: np.ndarray, captions: list[str], columns: int = 8, scale: int = 2) -> Image.Image:
-    """The samples in a grid of up to `columns` per row (as many as there are samples when fewer), each with its
-    caption underneath (wrapped)."""
-    n, h, w, _ = images.shape
-    columns = max(1, min(columns, n))
-    cell_w = max(w * scale, 160)
-    lines = [textwrap.wrap(c, width=cell_w // 6)[:4] for c in captions]
-    text_h = 11 * max(len(x) for x in lines) + 4
-    rows = (n + columns - 1) // columns
-    grid = Image.new("RGB", (columns * cell_w, rows * (h * scale + text_h)), "white")
-    draw = ImageDraw.Draw(grid)
-    for i, (img, caption_lines) in enumerate(zip(images, lines)):
-        x, y = (i % columns) * cell_w, (i // columns) * (h * scale + text_h)
-        grid.paste(Image.fromarray(img).resize((w * scale, h * scale), Image.NEAREST), (x + (cell_w - w * scale) // 2, y))
-        for j, line in enumerate(caption_lines):
-            draw.text((x + 2, y + h * scale + 2 + 11 * j), line, fill="black")
-    return grid
 
 
 def read_prompts(prompts: list[str], prompt_file: str | None) -> list[str]:

@@ -20,7 +20,7 @@ from core.task import DataInfo, generated_dataset
 from core.text_encoders import text_shape
 
 from t2i.data import load_null_context, make_synthetic_t2i
-from t2i.evaluation import CaptionConditioner
+from t2i.evaluation import CaptionConditioner, PromptConditioner
 from t2i.mmdit import MMDIT_PRESETS, build_mmdit
 
 NAME = "t2i"
@@ -153,3 +153,13 @@ class T2ITask:
     def random_condition(self, n: int, generator: torch.Generator) -> dict:
         length, width = self.data.manifest["text_embedding"]["shape"]
         return {"context": torch.randn(n, length, width, generator=generator)}
+
+    def preview(self, n: int) -> tuple[PromptConditioner, list[str]]:
+        """The first `n` training images' first captions, with their stored embeddings (no text encoder runs)."""
+        reader = ShardReader(self.data.root)
+        rows, captions = [], []
+        for i in range(min(n, len(reader))):
+            raw = reader[i]
+            rows.append(decode_value("txt_emb.npy", raw["txt_emb.npy"])[0].astype(np.float32))
+            captions.append(decode_value("captions.json", raw["captions.json"])[0])
+        return PromptConditioner(torch.from_numpy(np.stack(rows)), self.null_context), captions

@@ -16,3 +16,7 @@ def test_shortened_demo_writes_its_report(tmp_path):
     report = (out / "report.md").read_text()
     assert "PROXY FID" in report and "random-init" in report and "deepspeed --num_gpus 2" in report
     assert "PROXY FID (random-init features" in proc.stdout  # the printed number is labelled too
+    # what the training showed of itself while it ran: its grids, validation curve, proxy scores, its own page
+    assert "## While it trained" in report and m["in_training"] and "proxy_clip_score" in m["in_training"][-1]
+    for name in ("first_grid", "last_grid", "validation", "page"):
+        assert (out / m["pictures"][name]).is_file(), name

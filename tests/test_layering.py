@@ -9,7 +9,7 @@ PACKAGES = ("core", "class_cond", "t2i", "eval", "data_prep")
 # Libraries a function may import on first use (slow to import, or with side effects at import), with a comment
 # saying why; everything else, the project's own modules above all, is imported at the top of its module.
 LAZY_ALLOWED = ("deepspeed", "diffusers", "transformers", "open_clip", "timm", "cleanfid", "matplotlib",
-                "torch.utils.tensorboard")
+                "torch.utils.tensorboard", "wandb")
 
 
 def test_import_contracts_hold():

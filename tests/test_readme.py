@@ -72,7 +72,7 @@ def test_every_readme_command_is_run_or_has_a_reason():
     assert len(commands) > 20, "the README's bash blocks were not found"
     run = [c for c in commands if runnable(c)]
     known = ("deepspeed --num_gpus 2", "torchrun", "python -m core.train", "python -m t2i.sample",
-             "python -m core.checkpoint", "python -m core.bench", "python -m core.bench_suite")
+             "python -m eval.report", "python -m core.checkpoint", "python -m core.bench", "python -m core.bench_suite")
     unknown = [c for c in run if not c.startswith(known)]
     assert not unknown, f"README commands neither run by this test nor listed in NOT_RUN: {unknown}"
 

@@ -98,7 +98,7 @@ def test_small_things_a_new_user_meets(tmp_path, capsys):
     from core.fileio import atomic_path
     from eval.fid import main as fid_main
     from safetensors.torch import save_file
-    from t2i.sample import caption_grid
+    from eval.generate import caption_grid
     import torch
 
     grid = caption_grid(np.zeros((4, 8, 8, 3), np.uint8), ["a red circle"] * 4)
