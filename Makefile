@@ -17,8 +17,10 @@ $(VENV)/.installed: constraints.txt pyproject.toml
 	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
 	touch $@
 
+# Two workers, each test file on one of them (its module fixtures made once): the suite is mostly waiting on
+# subprocesses that use one core each.
 test: venv
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 demo: venv
 	$(PY) -m t2i.demo --out outputs/demo

@@ -7,6 +7,14 @@ import pytest
 
 import core  # noqa: F401  (core/compat.py's torchvision fix: some tests import open_clip, timm or clean-fid directly)
 
+# `make test` runs two pytest workers (xdist): each process then takes one thread, or the workers' OpenMP threads
+# oversubscribe the cores and spin (an op ~50x slower, core/dist.py)
+PARALLEL = "PYTEST_XDIST_WORKER" in os.environ
+if PARALLEL:
+    import torch
+
+    torch.set_num_threads(1)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
 TINY = os.path.join(REPO, "configs", "debug", "class_cond_tiny.yaml")
@@ -15,6 +23,8 @@ TINY = os.path.join(REPO, "configs", "debug", "class_cond_tiny.yaml")
 def cpu_env(**extra) -> dict:
     env = dict(os.environ)
     env.update(DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    if PARALLEL:
+        env.setdefault("OMP_NUM_THREADS", "1")
     # The venv's ninja first: a second (system) ninja records build commands differently, and processes sharing
     # the torch-extensions cache would rebuild DeepSpeed's op each time they alternate (30-80 s each).
     env["PATH"] = BIN + os.pathsep + env.get("PATH", "")
