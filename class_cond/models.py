@@ -2,7 +2,7 @@
 
 Parameter names and init follow SiT/DiT `models.py` and the REPA release, so their checkpoints load unchanged.
 """
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -19,7 +19,7 @@ from core.layers import (
     modulate,
     unpatchify,
 )
-from core.repa import build_projector
+from core.repa import BlockOutputs, Taps, build_projector
 
 
 class SiTBlock(nn.Module):
@@ -33,10 +33,14 @@ class SiTBlock(nn.Module):
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, logit_heads: int = 0):
+        """-> x, or with logit_heads > 0 (x, the attention logits (B, logit_heads, N, N) of the first heads)."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
-        return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        attn = self.attn(modulate(self.norm1(x), shift_msa, scale_msa), logit_heads)
+        attn, logits = attn if logit_heads else (attn, None)
+        x = x + gate_msa.unsqueeze(1) * attn
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return (x, logits) if logit_heads else x
 
 
 class SiT(nn.Module):
@@ -45,6 +49,8 @@ class SiT(nn.Module):
     forward(x: (B, in_channels, input_size, input_size) latents, t: (B,) float time, y: (B,) long labels, label
     `num_classes` = null) -> (out: (B, out_channels, input_size, input_size), zs: one (B, N, encoder_dims[k]) per
     encoder, N = (input_size / patch_size)**2). out_channels doubles with learn_sigma (DiT's variance head).
+    With `taps` (core.repa.Taps: what a REPA-family loss needs) it returns (out, zs, tapped) instead.
+    projector: "mlp" (REPA's) or "conv" (iREPA's, kernel projector_kernel); see core.repa.build_projector.
     """
 
     def __init__(
@@ -63,6 +69,8 @@ class SiT(nn.Module):
         projector_dim: int = 2048,
         qk_norm: bool = False,
         grad_checkpointing: bool = False,
+        projector: str = "mlp",
+        projector_kernel: int = 3,
     ):
         super().__init__()
         _check_config(input_size, patch_size, hidden_size, depth, num_heads, repa_depth, encoder_dims)
@@ -78,7 +86,8 @@ class SiT(nn.Module):
         # Persistent so "pos_embed" is in the state dict like the reference (a frozen Parameter there).
         self.register_buffer("pos_embed", pos, persistent=True)
         self.blocks = nn.ModuleList(SiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm) for _ in range(depth))
-        self.projectors = nn.ModuleList(build_projector(hidden_size, projector_dim, d) for d in encoder_dims)
+        self.projectors = nn.ModuleList(build_projector(hidden_size, projector_dim, d, projector, projector_kernel)
+                                        for d in encoder_dims)
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
 
@@ -109,25 +118,24 @@ class SiT(nn.Module):
         if x.ndim != 4 or tuple(x.shape[1:]) != expected:
             raise ValueError(f"SiT expects latents of shape (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
 
-    def _block(self, block: SiTBlock, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def _block(self, block: SiTBlock, x: torch.Tensor, c: torch.Tensor, logit_heads: int = 0):
         if self.grad_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, x, c, use_reentrant=False)
-        return block(x, c)
+            return checkpoint(block, x, c, logit_heads, use_reentrant=False)
+        return block(x, c, logit_heads)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, taps: Optional[Taps] = None):
         """See the class docstring for shapes."""
         self._check_input(x)
         x = x.to(self.x_embedder.proj.weight.dtype)  # a bf16 model (DeepSpeed native bf16) takes fp32 latents
         h = self.x_embedder(x)
         h = h + self.pos_embed.to(h.dtype)  # the fixed buffer stays fp32 when ZeRO-3 casts the weights
         c = self.t_embedder(t) + self.y_embedder(y)
-        zs = []
-        for i, block in enumerate(self.blocks):
-            h = self._block(block, h, c)
-            if i + 1 == self.repa_depth:
-                zs = [projector(h) for projector in self.projectors]
-        out = self.final_layer(h, c)
-        return unpatchify(out, self.patch_size, self.out_channels), zs
+        outputs = BlockOutputs(self.projectors, self.repa_depth, taps)
+        for i, block in enumerate(self.blocks, 1):
+            heads = outputs.heads(i)
+            h, logits = self._block(block, h, c, heads) if heads else (self._block(block, h, c), None)
+            outputs.after(i, h, logits)
+        return outputs.result(unpatchify(self.final_layer(h, c), self.patch_size, self.out_channels))
 
 
 def _check_config(

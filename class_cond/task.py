@@ -10,6 +10,7 @@ from core.data import SkippingDataset
 from core.dist import DistContext
 from core.latents import latent_layout
 from core.layers import check_labels
+from core.repa import projector_kwargs
 from core.shards import ShardReader, feature_key, read_manifest
 from core.task import DataInfo, generated_dataset
 from core.transport import build_objective
@@ -121,7 +122,7 @@ class ClassCondTask:
         return {**SIT_PRESETS[m.preset], "input_size": h, "in_channels": c, "num_classes": self.num_classes,
                 "repa_depth": self.cfg.repa.depth, "encoder_dims": list(encoder_dims),
                 "projector_dim": self.cfg.repa.projector_dim, "qk_norm": m.qk_norm,
-                "learn_sigma": build_objective(self.cfg.objective).learn_sigma}
+                "learn_sigma": build_objective(self.cfg.objective).learn_sigma, **projector_kwargs(self.cfg.repa)}
 
     def dataset(self, need_image: bool, feature_names: list[str]):
         keys = tuple(feature_key(n) for n in feature_names)

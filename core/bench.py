@@ -39,12 +39,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from core.config import ConfigError
 from core.dist import barrier, setup_distributed
-from core.encoders import encoder_dim, encoder_names, random_weights_spec
+from core.encoders import encoder_dim, encoder_names, load_encoders, random_weights_spec
 from core.engine import build_ds_config
 from core.fileio import append_line
 from core.shards import feature_record
 from core.task import load_task_config
-from core.trainer import RunPlan, build_run, plan_run, train_step, training_batches
+from core.trainer import RunPlan, build_run, plan_run, step_taps, train_step, training_batches
 
 # Dense (no sparsity) peak TFLOP/s by precision, from NVIDIA's datasheets; the first name found in the device name
 # wins, so the PCIe/NVL variants come before the plain "H100" (the SXM part).
@@ -75,6 +75,11 @@ def parser() -> argparse.ArgumentParser:
                    help="REPA encoders with random weights (NAME@random: same architecture and FLOPs, no download; "
                         "the -tiny ones are random-init already)")
     p.add_argument("--loader-only", action="store_true", help="time the training data loader alone (--data loader)")
+    p.add_argument("--flops-only", action="store_true",
+                   help="count the training FLOPs per image only (meta-device model, no engine, nothing timed): "
+                        "any size on any machine")
+    p.add_argument("--at-step", type=int, default=0,
+                   help="--flops-only: the optimiser step counted (after repa.stop_step the encoder is not run)")
     p.add_argument("--peak-tflops", type=float, default=None, help="the device's peak for MFU (default: table)")
     p.add_argument("--label", default="", help="free text stored in the JSON line, e.g. the lever measured")
     p.add_argument("--out", default="outputs/bench.jsonl", help="JSON lines file appended to (default %(default)s)")
@@ -147,9 +152,11 @@ def random_batch(plan: RunPlan, n: int, generator: torch.Generator, pin: bool) -
     return batch
 
 
-def count_flops(plan: RunPlan, encoders: list) -> dict:
-    """Training FLOPs per image: model forward + backward (meta-device copy, no recompute) and the forward of the
-    REPA `encoders` (those the step runs)."""
+def count_flops(plan: RunPlan, encoders: list, step: int = 0) -> dict:
+    """Training FLOPs per image at optimiser step `step`: model forward + backward (meta-device copy, no recompute)
+    with what the REPA-family terms tap of it (attention logits, block outputs), and the forward of the REPA
+    `encoders` (those the step runs; none after repa.stop_step), the first with the attention logits it gives.
+    The losses themselves (cosine, softmax, pairwise distances) are not matmuls and are not counted."""
     n = 2
     with torch.device("meta"):
         model = plan.task.build_model(plan.model_kwargs, grad_checkpointing=plan.cfg.model.grad_checkpointing)
@@ -159,16 +166,20 @@ def count_flops(plan: RunPlan, encoders: list) -> dict:
     meta = torch.device("meta")
     cond = plan.task.condition(host, torch.zeros(n, dtype=torch.bool, device=meta), meta)
     c, h, w = plan.data.latent_shape
+    taps = step_taps(plan, step)
+    x, t = torch.randn(n, c, h, w, device=meta), torch.rand(n, device=meta)
     with FlopCounterMode(display=False) as fwd:
-        out, zs = model(torch.randn(n, c, h, w, device=meta), torch.rand(n, device=meta), **cond)
+        out, zs, *tapped = model(x, t, **cond) if taps is None else model(x, t, taps=taps, **cond)
+    tapped = tapped[0] if tapped else {}
+    ends = [out, *zs, *tapped.get("attn", [])] + ([tapped["hidden"]] if tapped.get("hidden") is not None else [])
     with FlopCounterMode(display=False) as bwd:
-        (out.float().sum() + sum(z.float().sum() for z in zs)).backward()
+        sum(e.float().sum() for e in ends).backward()
     enc = 0
-    if encoders:
+    if encoders and plan.terms.aligning(step):
         image = host["image"][:1].to(plan.ctx.device)
         with FlopCounterMode(display=False) as counter:
-            for e in encoders:
-                e(image)
+            for i, e in enumerate(encoders):
+                e.targets(image, plan.terms.encoder_attn_blocks if i == 0 else ())
         enc = counter.get_total_flops()
     return {"model_fwd": fwd.get_total_flops() / n, "model_bwd": bwd.get_total_flops() / n, "encoder_fwd": enc}
 
@@ -221,6 +232,21 @@ def bench_loader(cfg, task_cls, ctx, args) -> dict:
             "ms_per_batch_median": 1e3 * float(np.median(times))}
 
 
+def bench_flops(cfg, task_cls, ctx, args) -> dict:
+    """The FLOP count of a training step at --at-step, on random data of the config's shapes; the encoders are
+    loaded (on the CPU: one image each) only when the step runs them."""
+    plan = plan_run(cfg, task_cls(cfg, task_cls.random_data(cfg, args.resolution)), ctx)
+    encoders = (load_encoders(cfg.repa.encoders, plan.data.resolution, grid=plan.grid)
+                if plan.need_image and plan.terms.aligning(args.at_step) else [])
+    flops = count_flops(plan, encoders, step=args.at_step)
+    with torch.device("meta"):
+        params = sum(p.numel() for p in plan.task.build_model(plan.model_kwargs).parameters())
+    return {"mode": "flops", "at_step": args.at_step, "encoders": list(cfg.repa.encoders) if encoders else [],
+            "latent_shape": list(plan.data.latent_shape), "resolution": plan.data.resolution, "params_m": params / 1e6,
+            "gflop_per_img_model_fwd": flops["model_fwd"] / 1e9, "gflop_per_img_model_bwd": flops["model_bwd"] / 1e9,
+            "gflop_per_img_encoder_fwd": flops["encoder_fwd"] / 1e9, "flop_convention": FLOP_CONVENTION}
+
+
 def bench_step(cfg, task_cls, ctx, args) -> dict:
     """Time core.trainer.train_step: --warmup untimed steps, then --steps timed ones."""
     if args.data == "loader":
@@ -239,7 +265,7 @@ def bench_step(cfg, task_cls, ctx, args) -> dict:
         g = torch.Generator().manual_seed(cfg.run.seed)
         pin = ctx.device.type == "cuda"
         batches = itertools.cycle([random_batch(plan, plan.micro, g, pin) for _ in range(2)])
-    flops = count_flops(plan, run.encoders)
+    flops = count_flops(plan, run.encoders, step=args.warmup)  # the first timed step's terms
 
     for i in range(args.warmup):
         train_step(run, batches, i)
@@ -275,6 +301,13 @@ def report(r: dict) -> str:
     head = (f"{r['task']} {r['preset']} | {r['device']} | world {r['world_size']} | {r['config']}"
             + (f" {' '.join(r['overrides'])}" if r["overrides"] else ""))
     timing = f"median of {r['steps']} after {r['warmup']} warm-up"
+    if r["mode"] == "flops":
+        return "\n".join([head, f"  step {r['at_step']}, {r['resolution']} px -> latents {r['latent_shape']}, "
+                                f"{r['params_m']:.1f}M params" + (f", encoders {', '.join(r['encoders'])}"
+                                                                  if r["encoders"] else ", no encoder run"),
+                           f"  GFLOP per image       model {r['gflop_per_img_model_fwd']:.4g} fwd + "
+                           f"{r['gflop_per_img_model_bwd']:.4g} bwd, encoder {r['gflop_per_img_encoder_fwd']:.4g} fwd "
+                           f"({r['flop_convention']})"])
     if r["mode"] == "loader-only":
         return "\n".join([head, f"  loader only: {r['samples_per_s']:.1f} samples/s per rank "
                                 f"({r['num_workers']} workers, micro-batch {r['micro_batch']}; "
@@ -319,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     ctx = setup_distributed()
     cfg.run.dir = _scratch_dir(ctx)  # the benchmark writes no checkpoint; a generated set goes there
     try:
-        result = bench_loader(cfg, task_cls, ctx, args) if args.loader_only else bench_step(cfg, task_cls, ctx, args)
+        mode = bench_loader if args.loader_only else bench_flops if args.flops_only else bench_step
+        result = mode(cfg, task_cls, ctx, args)
         barrier()
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)

@@ -19,8 +19,9 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from core.diffusion import beta_schedule
-from core.encoders import parse_encoder_spec
+from core.encoders import encoder_attention, parse_encoder_spec
 from core.fileio import atomic_write
+from core.repa import LOSS_KINDS, PROJECTORS, TARGET_NORMS
 from core.shards import read_manifest
 
 
@@ -70,6 +71,25 @@ class RepaConfig:
     projector_dim: int = 2048  # App. D: 3-layer SiLU MLP; width 2048 in the reference's models/sit.py
     loss: str = "cosine"  # cosine (paper) or ntxent (Table 2 ablation)
     ntxent_temperature: float = 0.1
+    # The REPA family (docs/VARIANTS.md); each default leaves the paper's REPA unchanged.
+    projector: str = "mlp"  # mlp (the paper's); conv: iREPA's one Conv2d over the token grid
+    projector_kernel: int = 3  # conv: odd kernel size; 3 as iREPA's README and SiT (its LDM trainer's flag says 1)
+    target_norm: str = "none"  # none; spatial_zscore: iREPA's (x - alpha mean) / (std + 1e-6) over the tokens
+    target_norm_alpha: float = 0.6  # iREPA's SiT trainer default (--zscore-alpha)
+    attn_coeff: float = 0.0  # HASTE: weight of the attention distillation (0.5 in its paper); 0 = off
+    attn_blocks: list[int] = field(default_factory=lambda: [5, 6, 7, 8])  # HASTE: model blocks (1-indexed)
+    attn_encoder_blocks: list[int] = field(default_factory=lambda: [9, 10, 11, 12])  # their teachers: DINOv2-B's last 4
+    stop_step: int = 0  # HASTE: REPA and attention distillation stop at this step (0 = never); 250K in its paper
+
+
+@dataclass
+class DispConfig:
+    """Dispersive loss (Wang & He, arXiv 2506.09027), with or without REPA. The defaults other than coeff are the
+    paper's (its JAX runs: lambda 0.5, tau 0.5, a quarter of the blocks deep; its PyTorch code: 0.25, 1, the last)."""
+
+    coeff: float = 0.0  # lambda; 0 = off
+    tau: float = 0.5  # temperature on the squared distance divided by the feature size
+    depth: int = 0  # the block (1-indexed) whose output tokens are dispersed; 0 = a quarter of the model's blocks
 
 
 @dataclass
@@ -120,6 +140,7 @@ class TaskConfig:
     task: str = ""
     run: RunConfig = field(default_factory=RunConfig)
     repa: RepaConfig = field(default_factory=RepaConfig)
+    disp: DispConfig = field(default_factory=DispConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
@@ -366,8 +387,18 @@ def validate_task_config(cfg: Any, task: str, presets: dict, producer: str, chec
                           "its own under run.dir/data: set data.kind=shards to train on the dataset at data.path")
     if cfg.data.kind == "shards" and check_data:
         check_prepared_dataset("data.path", cfg.data.path, task, producer)
+    preset = presets[cfg.model.preset]
     if cfg.repa.coeff > 0:
-        check_block("repa.depth", cfg.repa.depth, cfg.model.preset, presets[cfg.model.preset]["depth"])
+        check_block("repa.depth", cfg.repa.depth, cfg.model.preset, preset["depth"])
+    if cfg.repa.coeff > 0 and cfg.repa.attn_coeff > 0:
+        for i, block in enumerate(cfg.repa.attn_blocks):
+            check_block(f"repa.attn_blocks[{i}]", block, cfg.model.preset, preset["depth"])
+        _, heads = encoder_attention(cfg.repa.encoders[0])
+        if preset["num_heads"] < heads:
+            raise ConfigError(f"repa.attn_coeff > 0: the {cfg.model.preset} model has {preset['num_heads']} heads, "
+                              f"fewer than the {heads} of encoder {cfg.repa.encoders[0]!r} whose attention it learns")
+    if cfg.disp.coeff > 0 and cfg.disp.depth:
+        check_block("disp.depth", cfg.disp.depth, cfg.model.preset, preset["depth"])
 
 
 def validate_monitor(m: MonitorConfig) -> None:
@@ -387,6 +418,46 @@ def validate_monitor(m: MonitorConfig) -> None:
         raise ConfigError(f"monitor.val_times must be times in (0, 1] (1 = noise), got {m.val_times}")
     check_choice("monitor.eval_features", m.eval_features, ("inception", "proxy"))
     check_choice("monitor.wandb_mode", m.wandb_mode, ("online", "offline"))
+
+
+def validate_variants(cfg: Any) -> None:
+    """Ranges and combinations of the REPA-family keys (repa.projector .. repa.stop_step, the disp section)."""
+    r, d = cfg.repa, cfg.disp
+    check_choice("repa.projector", r.projector, PROJECTORS)
+    if r.projector == "conv" and (r.projector_kernel < 1 or r.projector_kernel % 2 == 0):
+        raise ConfigError(f"repa.projector_kernel must be odd and >= 1 (padding k // 2 keeps the token grid), "
+                          f"got {r.projector_kernel}")
+    check_choice("repa.target_norm", r.target_norm, TARGET_NORMS)
+    if not 0 <= r.target_norm_alpha <= 1:
+        raise ConfigError(f"repa.target_norm_alpha must be in [0, 1] (the share of the token mean taken off), "
+                          f"got {r.target_norm_alpha}")
+    if r.stop_step < 0:
+        raise ConfigError(f"repa.stop_step must be >= 0 (0 = never stop), got {r.stop_step}")
+    if r.attn_coeff < 0:
+        raise ConfigError(f"repa.attn_coeff must be >= 0, got {r.attn_coeff}")
+    if r.attn_coeff > 0:
+        if r.coeff <= 0:
+            raise ConfigError("repa.attn_coeff > 0 needs repa.coeff > 0: the attention distillation runs with REPA's "
+                              "encoder and block")
+        if not r.attn_blocks or len(r.attn_blocks) != len(r.attn_encoder_blocks):
+            raise ConfigError(f"repa.attn_blocks {list(r.attn_blocks)} and repa.attn_encoder_blocks "
+                              f"{list(r.attn_encoder_blocks)} must pair model blocks with encoder blocks one to one")
+        if list(r.attn_blocks) != sorted(set(r.attn_blocks)):
+            raise ConfigError(f"repa.attn_blocks must be increasing block numbers, got {list(r.attn_blocks)}")
+        try:
+            layers, _ = encoder_attention(r.encoders[0])
+        except ValueError as err:
+            raise ConfigError(f"repa.attn_coeff > 0: repa.encoders[0]: {err}") from None
+        for i, block in enumerate(r.attn_encoder_blocks):
+            if not 1 <= block <= layers:
+                raise ConfigError(f"repa.attn_encoder_blocks[{i}]={block} is outside encoder "
+                                  f"{r.encoders[0]!r}'s blocks 1..{layers}")
+    if d.coeff < 0:
+        raise ConfigError(f"disp.coeff must be >= 0, got {d.coeff}")
+    if d.tau <= 0:
+        raise ConfigError(f"disp.tau must be > 0, got {d.tau}")
+    if d.depth < 0:
+        raise ConfigError(f"disp.depth must be >= 0 (0 = a quarter of the model's blocks), got {d.depth}")
 
 
 def validate_common(cfg: Any) -> None:
@@ -427,9 +498,10 @@ def validate_common(cfg: Any) -> None:
                 parse_encoder_spec(spec)
             except ValueError as err:
                 raise ConfigError(f"repa.encoders[{i}]: {err}") from None
-    check_choice("repa.loss", r.loss, ("cosine", "ntxent"))
+    check_choice("repa.loss", r.loss, LOSS_KINDS)
     if r.loss == "ntxent" and r.ntxent_temperature <= 0:
         raise ConfigError(f"repa.ntxent_temperature must be > 0, got {r.ntxent_temperature}")
+    validate_variants(cfg)
     o = cfg.objective
     check_choice("objective.kind", o.kind, ("transport", "ddpm"))
     check_choice("objective.path", o.path, ("linear", "cosine"))

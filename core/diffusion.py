@@ -219,8 +219,9 @@ class GaussianDiffusion:
 
     # -------------------------------------------------------------------------------------------------- training
 
-    def loss(self, model, x0: torch.Tensor, cond: dict, generator: torch.Generator):
-        """Per-sample hybrid loss (B,) float32 (module docstring) and the model's projected REPA tokens.
+    def loss(self, model, x0: torch.Tensor, cond: dict, generator: torch.Generator, taps=None):
+        """Per-sample hybrid loss (B,) float32 (module docstring) and the model's projected REPA tokens; with
+        `taps` (core.repa.Taps) also what the model tapped, as a third element.
 
         model(x_s, s, **cond) -> ([eps | v] (B, 2C, H, W), zs), s: (B,) long original step indices; x0: (B, C, H, W)
         scaled latents; generator draws s, then the noise.
@@ -230,7 +231,7 @@ class GaussianDiffusion:
         index = torch.randint(0, self.num_timesteps, (x0.shape[0],), generator=generator, device=x0.device)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         x_t = self.q_sample(x0, index, noise)
-        out, zs = model(x_t, index, **cond)
+        out, zs, *tapped = model(x_t, index, **cond) if taps is None else model(x_t, index, taps=taps, **cond)
         out, x0, x_t = out.float(), x0.float(), x_t.float()
         c = x0.shape[1]
         if out.shape[1] != 2 * c:
@@ -239,4 +240,4 @@ class GaussianDiffusion:
         eps = out[:, :c]
         mse = mean_flat((noise.float() - eps) ** 2)
         frozen = torch.cat([eps.detach(), out[:, c:]], dim=1)  # the VLB term learns the variance only
-        return mse + self.vb_terms_bpd(frozen, x0, x_t, index), zs
+        return (mse + self.vb_terms_bpd(frozen, x0, x_t, index), zs, *tapped)

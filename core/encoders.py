@@ -82,6 +82,19 @@ def encoder_dim(spec: str) -> int:
     return _ENCODERS[parse_encoder_spec(spec)[0]].dim
 
 
+def encoder_attention(spec: str) -> Tuple[int, int]:
+    """(blocks, heads per block) of an encoder whose attention logits `TargetEncoder.targets` can return (HASTE's
+    attention distillation), from the table; ValueError for an encoder that cannot."""
+    name, _ = parse_encoder_spec(spec)
+    if _ENCODERS[name].family != "dinov2":
+        raise ValueError(f"encoder {name!r} cannot give its attention logits: attention distillation takes a DINOv2 "
+                         f"encoder ({', '.join(n for n, e in _ENCODERS.items() if e.family == 'dinov2')})")
+    if name in _DINOV2_ARCH:
+        _, layers, heads, _ = _DINOV2_ARCH[name]
+        return layers, heads
+    return _TINY["layers"], _TINY["heads"]
+
+
 class TargetEncoder(nn.Module):
     """A frozen vision encoder whose patch tokens are REPA's alignment targets.
 
@@ -148,6 +161,20 @@ class TargetEncoder(nn.Module):
         return self._run(self._tokens, images)
 
     @torch.no_grad()
+    def targets(self, images: torch.Tensor, attn_blocks: Sequence[int] = ()) -> Tuple[torch.Tensor, list]:
+        """images: (B, 3, H, W) in 0..255 -> (the patch tokens of forward, one float32 (B, heads, num_tokens,
+        num_tokens) tensor of attention logits q k^T / sqrt(head_dim) per 1-indexed block of `attn_blocks`, the
+        prefix (CLS) rows and columns dropped). The logits come from the same forward as the tokens."""
+        if not attn_blocks:
+            return self(images), []
+        tokens, logits = self._run(lambda x: self._tokens_and_attention(x, tuple(attn_blocks)), images)
+        return tokens, logits
+
+    def _tokens_and_attention(self, x: torch.Tensor, blocks: tuple) -> Tuple[torch.Tensor, list]:
+        raise ValueError(f"encoder {self.name!r} cannot give its attention logits (attention distillation takes a "
+                         f"DINOv2 encoder)")
+
+    @torch.no_grad()
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """images: (B, 3, H, W) in 0..255 -> (B, embed_dim) float32, one vector per image: the encoder's image
         embedding (DINOv2: the CLS token after the final norm, the feature of FD-DINOv2, Stein et al. 2023), else
@@ -163,6 +190,8 @@ class TargetEncoder(nn.Module):
         on_cuda = x.device.type == "cuda"
         with torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda else contextlib.nullcontext():
             out = fn(x)
+        if isinstance(out, tuple):  # (tokens, [attention logits])
+            return out[0].float(), [a.float() for a in out[1]]
         return out.float()
 
     def extra_repr(self) -> str:
@@ -184,6 +213,33 @@ class DinoV2Encoder(TargetEncoder):
 
     def _embedding(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(pixel_values=x).last_hidden_state[:, 0]
+
+    def _tokens_and_attention(self, x: torch.Tensor, blocks: tuple) -> Tuple[torch.Tensor, list]:
+        """Forward hooks on the query and key projections of the requested blocks catch q and k (DINOv2 has no
+        q/k norm), so the attention implementation the model runs (SDPA, eager) does not matter."""
+        layers, config = self.model.encoder.layer, self.model.config
+        heads = config.num_attention_heads
+        caught: dict = {}
+        handles = []
+        for block in blocks:
+            if not 1 <= block <= len(layers):
+                raise ValueError(f"encoder {self.name!r} has blocks 1..{len(layers)}, not {block}")
+            q_proj, k_proj = _query_key(layers[block - 1])
+            for kind, module in (("q", q_proj), ("k", k_proj)):
+                handles.append(module.register_forward_hook(
+                    lambda _m, _i, out, key=(block, kind): caught.__setitem__(key, out)))
+        try:
+            tokens = self._tokens(x)
+        finally:
+            for h in handles:
+                h.remove()
+        logits = []
+        for block in blocks:
+            q, k = (caught[(block, kind)] for kind in ("q", "k"))
+            B, N, D = q.shape
+            q, k = (t.reshape(B, N, heads, D // heads).transpose(1, 2) for t in (q, k))
+            logits.append(((q * (D // heads) ** -0.5) @ k.transpose(-2, -1))[:, :, 1:, 1:])
+        return tokens, logits
 
 
 class OpenClipViTEncoder(TargetEncoder):
@@ -354,6 +410,15 @@ def _open_clip_visual(spec: str, entry: _Entry, source: str):
     except RuntimeError as e:
         raise RuntimeError(f"encoder {spec!r}: cannot load open_clip {entry.arch} weights from {source!r}: {e}") from e
     return model.visual, pcfg["mean"], pcfg["std"], f"{spec} ({entry.arch}, {source})"
+
+
+def _query_key(layer: nn.Module) -> Tuple[nn.Module, nn.Module]:
+    """The query and key Linear layers of a transformers Dinov2Layer (named q_proj/k_proj since transformers 5,
+    attention.query/attention.key before)."""
+    attn = layer.attention
+    if hasattr(attn, "q_proj"):
+        return attn.q_proj, attn.k_proj
+    return attn.attention.query, attn.attention.key
 
 
 def _check_local_path(spec: str, source: str) -> None:

@@ -76,6 +76,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     return F.scaled_dot_product_attention(q, k, v)
 
 
+def attention_logits(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tensor:
+    """The pre-softmax attention logits (q / sqrt(head_dim)) k^T of the first `heads` heads (HASTE's student
+    maps, the scale applied to q first as there). q, k: (B, H, N, head_dim) -> (B, heads, N, N)."""
+    q, k = q[:, :heads], k[:, :heads]
+    return (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention, timm parameter names (qkv, q_norm, k_norm, proj). x: (B, N, dim) -> (B, N, dim)."""
 
@@ -90,12 +97,14 @@ class Attention(nn.Module):
         self.k_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, logit_heads: int = 0):
+        """-> the output, or with logit_heads > 0 (output, the attention logits of the first logit_heads heads)."""
         B, N, D = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        x = attention(self.q_norm(q), self.k_norm(k), v)
-        return self.proj(x.transpose(1, 2).reshape(B, N, D))
+        q, k = self.q_norm(q), self.k_norm(k)
+        out = self.proj(attention(q, k, v).transpose(1, 2).reshape(B, N, D))
+        return (out, attention_logits(q, k, logit_heads)) if logit_heads else out
 
 
 class Mlp(nn.Module):

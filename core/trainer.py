@@ -12,6 +12,8 @@ and one step is, per micro-batch:
     x0    = latents drawn from the stored VAE moments            (core.latents)
     cond  = task.condition(batch, drop)  with CFG dropout         (null class / empty caption)
     loss  = objective(model, x0, cond) + repa.coeff * REPA(zs, encoder tokens of the clean image)
+            + the REPA family's other terms on (core.repa.RepresentationTerms: attention distillation,
+              dispersive loss; repa.stop_step ends the terms that use the encoder)
 
 All randomness of a step comes from a generator seeded by (run.seed, step, rank, micro-batch), and the data order is
 a function of (run.seed, step), so a resumed run replays exactly what an uninterrupted one would have done.
@@ -33,11 +35,11 @@ from core.config import ConfigError, config_hash, save_config, to_dict
 from core.data import StepSampler, make_loader
 from core.dist import DistContext, any_rank, barrier, mean_over_ranks, setup_distributed
 from core.ema import EMA
-from core.encoders import encoder_dim, encoder_names, load_encoders, parse_encoder_spec
+from core.encoders import encoder_attention, encoder_dim, encoder_names, load_encoders, parse_encoder_spec
 from core.engine import apply_optimizer_settings, batch_layout, build_ds_config, create_engine
 from core.latents import sample_latents
 from core.logging import MetricsLogger
-from core.repa import repa_loss
+from core.repa import EncoderTargets, RepresentationTerms
 from core.shards import feature_key, has_images, stored_features
 from core.task import DataInfo, Task, get_task, plugin
 from core.transport import build_objective
@@ -80,6 +82,12 @@ def data_needs(cfg, info: DataInfo, grid: int) -> tuple[bool, list[str]]:
     specs = list(cfg.repa.encoders) if cfg.repa.coeff > 0 else []
     if not specs:
         return False, []
+    if cfg.repa.attn_coeff > 0:  # the encoder's attention maps are not stored: it runs on the images
+        if has_images(info.root, info.manifest):
+            return True, []
+        raise ConfigError(f"repa.attn_coeff > 0 (attention distillation) runs the encoder {specs[0]!r} on the "
+                          f"images, and dataset {info.root} has none: prepare it with --store-images, or train "
+                          "with repa.attn_coeff=0")
     stored = stored_features(info.root, info.manifest)
     unusable = []  # why the stored features of an encoder cannot serve this run
     for spec, name in zip(specs, encoder_names(specs)):
@@ -125,6 +133,7 @@ class RunPlan:
     accum: int  # micro-batches per optimiser step
     need_image: bool  # batches carry the clean image (REPA encoders run in the step)
     feature_names: list  # stored encoder features the batches carry instead
+    terms: RepresentationTerms  # the REPA-family terms beside the denoising loss
 
     @property
     def data(self) -> DataInfo:
@@ -150,7 +159,8 @@ def plan_run(cfg, task: Task, ctx: DistContext, layout: tuple[int, int] | None =
     enc_dims = [encoder_dim(s) for s in cfg.repa.encoders] if cfg.repa.coeff > 0 else []
     kwargs = task.model_kwargs(enc_dims)
     need_image, feature_names = data_needs(cfg, task.data, kwargs["input_size"] // kwargs["patch_size"])
-    return RunPlan(cfg, ctx, task, kwargs, micro, accum, need_image, feature_names)
+    terms = RepresentationTerms(cfg.repa, cfg.disp, kwargs["depth"])
+    return RunPlan(cfg, ctx, task, kwargs, micro, accum, need_image, feature_names, terms)
 
 
 def preflight(cfg, ctx: DistContext, checkpointer: Checkpointer) -> tuple[RunPlan, str | None]:
@@ -229,29 +239,41 @@ def build_run(plan: RunPlan) -> Run:
 @dataclass
 class StepResult:
     skipped: bool  # non-finite loss with train.skip_nonfinite: no update was made
-    losses: list  # one (total, denoising, REPA) triple of detached 0-d tensors per micro-batch run
+    losses: list  # one {name: detached 0-d tensor} per micro-batch run (StepLog's names)
     corrupt: int  # corrupt samples the loader passed over in this step's batches
 
 
-def micro_loss(run: Run, batch: dict, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(total, denoising, REPA) losses of one micro-batch; REPA is 0 when repa.coeff = 0."""
+def encoder_targets(run: Run, batch: dict) -> EncoderTargets:
+    """The REPA targets of a micro-batch: the encoders on its images (the first one with the attention logits
+    the terms ask for), or the stored features it carries."""
+    device = run.plan.ctx.device
+    if not run.encoders:
+        return EncoderTargets([f.to(device, non_blocking=True) for f in batch["feats"]], [])
+    images = batch["image"].to(device, non_blocking=True)
+    tokens, attn = run.encoders[0].targets(images, run.plan.terms.encoder_attn_blocks)
+    return EncoderTargets([tokens] + [enc(images) for enc in run.encoders[1:]], attn)
+
+
+def step_taps(plan: RunPlan, step: int):
+    """What the model returns at optimiser step `step` besides (out, zs) (core.repa.Taps), None for nothing."""
+    terms = plan.terms
+    return terms.taps(step, encoder_attention(plan.cfg.repa.encoders[0])[1] if terms.attn else 0)
+
+
+def micro_loss(run: Run, batch: dict, g: torch.Generator, step: int) -> tuple[torch.Tensor, dict]:
+    """(total loss, {"denoise_loss": .., and each of plan.terms.names: ..} detached) of one micro-batch of
+    optimiser step `step`; a term that is off is 0."""
     plan, cfg, device = run.plan, run.plan.cfg, run.plan.ctx.device
+    terms = plan.terms
     moments = batch["moments"].to(device, non_blocking=True)
     x0 = sample_latents(moments, g, plan.data.scale, plan.data.shift)
     drop = torch.rand(x0.shape[0], generator=g, device=device) < cfg.train.cond_dropout
     cond = plan.task.condition(batch, drop, device)
-    denoise, zs = run.objective.loss(run.engine, x0, cond, g)
+    denoise, zs, *tapped = run.objective.loss(run.engine, x0, cond, g, step_taps(plan, step))
     denoise = denoise.mean()
-    if cfg.repa.coeff > 0:
-        if run.encoders:
-            images = batch["image"].to(device, non_blocking=True)
-            targets = [enc(images) for enc in run.encoders]
-        else:
-            targets = [f.to(device, non_blocking=True) for f in batch["feats"]]
-        repa = repa_loss(zs, targets, cfg.repa.loss, cfg.repa.ntxent_temperature)
-    else:
-        repa = torch.zeros((), device=device)
-    return denoise + cfg.repa.coeff * repa, denoise.detach(), repa.detach()
+    targets = encoder_targets(run, batch) if terms.aligning(step) else None
+    extra, values = terms.losses(step, zs, tapped[0] if tapped else {}, targets)
+    return denoise + extra, {"denoise_loss": denoise.detach(), **{k: v.detach() for k, v in values.items()}}
 
 
 def train_step(run: Run, batches: Iterator[dict], step: int) -> StepResult:
@@ -266,7 +288,7 @@ def train_step(run: Run, batches: Iterator[dict], step: int) -> StepResult:
     for m in range(run.plan.accum):
         batch = next(batches)
         corrupt += batch.get("skipped", 0)
-        loss, denoise, repa = micro_loss(run, batch, step_generator(cfg.run.seed, step, ctx.rank, m, ctx.device))
+        loss, parts = micro_loss(run, batch, step_generator(cfg.run.seed, step, ctx.rank, m, ctx.device), step)
         if any_rank(not torch.isfinite(loss).item(), ctx.device):
             if not cfg.train.skip_nonfinite:
                 last = ckpt.latest_checkpoint(cfg.run.dir)
@@ -277,7 +299,7 @@ def train_step(run: Run, batches: Iterator[dict], step: int) -> StepResult:
             return StepResult(True, losses, corrupt)
         engine.backward(loss)
         engine.step()
-        losses.append((loss.detach(), denoise, repa))
+        losses.append({"loss": loss.detach(), **parts})
     run.ema.update(engine.module)
     return StepResult(False, losses, corrupt)
 
@@ -286,11 +308,10 @@ class StepLog:
     """The losses and wall time of the steps since the last record; one record per train.log_every steps (rank 0
     writes it). Checkpoint time is excluded from the throughput."""
 
-    NAMES = ("loss", "denoise_loss", "repa_loss")
-
     def __init__(self, plan: RunPlan, resume_step: int | None = None):
         """`resume_step`: the step a resumed run continues from (None: a new run)."""
         cfg = plan.cfg
+        self.names = ("loss", "denoise_loss") + plan.terms.names
         wandb = ({"project": cfg.monitor.wandb_project, "mode": cfg.monitor.wandb_mode, "config": to_dict(cfg)}
                  if cfg.monitor.wandb else None)
         self.plan = plan
@@ -298,11 +319,12 @@ class StepLog:
         self._reset()
 
     def _reset(self) -> None:
-        self.window, self.steps, self.t0 = {k: [] for k in self.NAMES}, 0, time.perf_counter()
+        self.window, self.steps, self.t0 = {k: [] for k in self.names}, 0, time.perf_counter()
 
     def add(self, result: StepResult) -> None:
-        for name, values in zip(self.NAMES, zip(*result.losses)):
-            self.window[name].extend(values)
+        for losses in result.losses:
+            for name in self.names:
+                self.window[name].append(losses[name])
         self.steps += 1
 
     def exclude(self, seconds: float) -> None:
@@ -314,7 +336,7 @@ class StepLog:
                                  for v in self.window.values()], ctx.device)
         grad_norm = engine.get_global_grad_norm()
         seconds = max(time.perf_counter() - self.t0, 1e-9)
-        record = {"step": state.step, **dict(zip(self.NAMES, means)),
+        record = {"step": state.step, **dict(zip(self.names, means)),
                   "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                   "lr": float(engine.get_lr()[0]),
                   "img_per_s": self.steps * cfg.train.global_batch / ctx.world_size / seconds,

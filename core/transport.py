@@ -50,17 +50,18 @@ class Transport:
         alpha, sigma, d_alpha, d_sigma = (c.view(shape) for c in self.alpha_sigma(t))
         return alpha * x0 + sigma * eps, d_alpha * x0 + d_sigma * eps
 
-    def loss(self, model, x0: torch.Tensor, cond: dict, generator: torch.Generator):
-        """Per-sample velocity MSE (B,) float32 and the model's projected tokens.
+    def loss(self, model, x0: torch.Tensor, cond: dict, generator: torch.Generator, taps=None):
+        """Per-sample velocity MSE (B,) float32 and the model's projected tokens; with `taps` (core.repa.Taps:
+        what a REPA-family term needs of the forward) also what the model tapped, as a third element.
 
         model(x_t, t, **cond) -> (velocity, zs); x0: (B, C, H, W) scaled latents; generator draws t and eps.
         """
         t = self.sample_t(x0.shape[0], generator, x0.device)
         eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         x_t, target = self.interpolate(x0, eps, t)
-        pred, zs = model(x_t, t, **cond)
+        pred, zs, *tapped = model(x_t, t, **cond) if taps is None else model(x_t, t, taps=taps, **cond)
         mse = (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)
-        return mse, zs
+        return (mse, zs, *tapped)
 
 
 OBJECTIVE_KINDS = ("transport", "ddpm")

@@ -28,6 +28,7 @@ from core.logging import EVALS, read_metrics
 
 GRID_RE = re.compile(r"^step_(\d{8,})\.png$")  # monitor's samples/step_NNNNNNNN.png; skips `.tmpPID` leftovers
 LOSS_KEYS = ("loss", "denoise_loss", "repa_loss")
+VARIANT_LOSS_KEYS = ("attn_loss", "disp_loss")  # the REPA family's other terms, plotted when a run logs them
 EVAL_META_KEYS = ("step", "kind", "num_samples", "seconds", "is_proxy", "held_out")
 METRIC_NAMES = {"fid": ("FID", "lower is better"), "fd_dinov2": ("FD-DINOv2", "lower is better"),
                 "clip_score": ("CLIP score", "higher is better")}
@@ -253,16 +254,24 @@ def _save(fig, path: str) -> str:
 
 
 def plot_training(run: dict, path: str) -> str:
-    """The training curves of a load_run dict (loss, denoise_loss, repa_loss, grad_norm against steps, images seen
-    on top) as a PNG at `path`; returns `path`. ValueError when the run has no training records."""
+    """The training curves of a load_run dict (loss, denoise_loss, repa_loss, the REPA family's attn_loss and
+    disp_loss when logged, grad_norm against steps, images seen on top) as a PNG at `path`; returns `path`.
+    ValueError when the run has no training records."""
     if not run["metrics"]:
         raise ValueError(f"{os.path.join(run['run_dir'], 'metrics.jsonl')}: no training records to plot")
     plt = _pyplot()
     batch = summarize(run)["global_batch"]
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+    extra = [k for k in VARIANT_LOSS_KEYS if any(k in r for r in run["metrics"])]
+    keys = (*LOSS_KEYS, *extra, "grad_norm")
+    rows = (len(keys) + 1) // 2
+    fig, axes = plt.subplots(rows, 2, figsize=(11, 3.75 * rows), squeeze=False)
     titles = {"loss": "total loss", "denoise_loss": "denoising loss", "repa_loss": "REPA loss (negative cosine)",
+              "attn_loss": "attention distillation (cross-entropy)", "disp_loss": "dispersive loss",
               "grad_norm": "grad norm"}
-    for ax, key, colour in zip(axes.flat, (*LOSS_KEYS, "grad_norm"), ("black", "tab:blue", "tab:orange", "tab:red")):
+    colours = ("black", "tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:red")
+    for ax in axes.flat[len(keys):]:
+        ax.set_visible(False)
+    for ax, key, colour in zip(axes.flat, keys, colours[:len(keys) - 1] + ("tab:red",)):
         steps, values = series(run["metrics"], key)
         ax.set(title=titles[key], xlabel="step")
         if not steps:
@@ -365,7 +374,7 @@ def last_record_html(run: dict) -> str:
         return "<span class=missing>none</span>"
     last = run["metrics"][-1]
     parts = [f"{k} {last[k]:.4g}" if isinstance(last[k], float) else f"{k} {last[k]}"
-             for k in ("loss", "denoise_loss", "repa_loss", "grad_norm", "lr", "skipped_steps", "corrupt_samples")
+             for k in (*LOSS_KEYS, *VARIANT_LOSS_KEYS, "grad_norm", "lr", "skipped_steps", "corrupt_samples")
              if k in last]
     ago = time.time() - run["metrics_mtime"]
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run["metrics_mtime"]))

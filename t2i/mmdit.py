@@ -5,15 +5,15 @@ queries, keys and values are concatenated into one attention over text + image t
 other. The last block may keep only the text stream's pre-attention part (it feeds keys/values to the image stream
 and its output is not used). The REPA paper's App. K trains this family on MS-COCO (hidden 768, depth 24).
 """
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from core.layers import (FinalLayer, Mlp, PatchEmbed, TimestepEmbedder, attention, get_2d_sincos_pos_embed,
-                         modulate, unpatchify)
-from core.repa import build_projector
+from core.layers import (FinalLayer, Mlp, PatchEmbed, TimestepEmbedder, attention, attention_logits,
+                         get_2d_sincos_pos_embed, modulate, unpatchify)
+from core.repa import BlockOutputs, Taps, build_projector
 
 MMDIT_PRESETS: dict[str, dict] = {
     "tiny": dict(depth=4, hidden_size=128, num_heads=4, patch_size=2),
@@ -59,22 +59,24 @@ class Stream(nn.Module):
 
 
 class JointBlock(nn.Module):
-    """x: (B, N, D) image tokens, ctx: (B, L, D) text tokens, c: (B, D) -> (x, ctx or None after a pre-only text)."""
+    """x: (B, N, D) image tokens, ctx: (B, L, D) text tokens, c: (B, D) -> (x, ctx or None after a pre-only text),
+    and with logit_heads > 0 also the image stream's image-to-image attention logits (B, logit_heads, N, N) (the
+    student maps of HASTE's MMDiT: the text keys are left out)."""
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, qk_norm: bool, last: bool):
         super().__init__()
         self.context_block = Stream(hidden_size, num_heads, mlp_ratio, qk_norm, pre_only=last)
         self.x_block = Stream(hidden_size, num_heads, mlp_ratio, qk_norm, pre_only=False)
 
-    def forward(self, x: torch.Tensor, ctx: torch.Tensor, c: torch.Tensor):
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor, c: torch.Tensor, logit_heads: int = 0):
         qc, kc, vc, mods_c = self.context_block.qkv_heads(ctx, c)
         qx, kx, vx, mods_x = self.x_block.qkv_heads(x, c)
         L = ctx.shape[1]
         out = attention(torch.cat([qc, qx], 2), torch.cat([kc, kx], 2), torch.cat([vc, vx], 2))
         out = out.transpose(1, 2).flatten(2)  # (B, L + N, D)
-        x = self.x_block.finish(x, out[:, L:], mods_x)
+        x_out = self.x_block.finish(x, out[:, L:], mods_x)
         ctx = None if self.context_block.pre_only else self.context_block.finish(ctx, out[:, :L], mods_c)
-        return x, ctx
+        return (x_out, ctx, attention_logits(qx, kx, logit_heads)) if logit_heads else (x_out, ctx)
 
 
 class MMDiT(nn.Module):
@@ -82,15 +84,17 @@ class MMDiT(nn.Module):
 
     forward(x: (B, in_channels, input_size, input_size) latents, t: (B,) float time (t = 1 noise), context:
     (B, L, text_dim) caption token embeddings, the empty caption's for the null condition) -> (velocity (B,
-    in_channels, H, W), zs: one (B, N, encoder_dims[k]) per encoder, N = (input_size / patch_size)**2).
+    in_channels, H, W), zs: one (B, N, encoder_dims[k]) per encoder, N = (input_size / patch_size)**2); with `taps`
+    (core.repa.Taps) (velocity, zs, tapped), the tapped hidden states and attention maps of the image tokens.
     pooled_text: also add an MLP of the mean caption token to the timestep embedding (SD3 adds a pooled vector).
+    projector, projector_kernel: REPA's MLP or iREPA's conv over the image token grid (core.repa.build_projector).
     """
 
     def __init__(self, input_size: int = 32, patch_size: int = 2, in_channels: int = 4, hidden_size: int = 768,
                  depth: int = 24, num_heads: int = 12, mlp_ratio: float = 4.0, text_dim: int = 768,
                  repa_depth: int = 8, encoder_dims: Sequence[int] = (768,), projector_dim: int = 2048,
                  qk_norm: bool = False, pooled_text: bool = False, pre_only_last: bool = True,
-                 grad_checkpointing: bool = False):
+                 grad_checkpointing: bool = False, projector: str = "mlp", projector_kernel: int = 3):
         super().__init__()
         if hidden_size % num_heads or input_size % patch_size:
             raise ValueError(f"MMDiT: hidden_size {hidden_size} must divide by num_heads {num_heads} and input_size "
@@ -108,7 +112,8 @@ class MMDiT(nn.Module):
         self.blocks = nn.ModuleList(
             JointBlock(hidden_size, num_heads, mlp_ratio, qk_norm, last=pre_only_last and i == depth - 1)
             for i in range(depth))
-        self.projectors = nn.ModuleList(build_projector(hidden_size, projector_dim, d) for d in encoder_dims)
+        self.projectors = nn.ModuleList(build_projector(hidden_size, projector_dim, d, projector, projector_kernel)
+                                        for d in encoder_dims)
         self.final_layer = FinalLayer(hidden_size, patch_size, in_channels)
         self.initialize_weights()
 
@@ -138,7 +143,7 @@ class MMDiT(nn.Module):
         if context.ndim != 3 or context.shape[0] != x.shape[0] or context.shape[2] != self.text_dim:
             raise ValueError(f"MMDiT expects context (B={x.shape[0]}, L, {self.text_dim}), got {tuple(context.shape)}")
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor):
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, taps: Optional[Taps] = None):
         self._check(x, context)
         dtype = self.x_embedder.proj.weight.dtype  # DeepSpeed's native bf16 casts weights, not inputs
         h = self.x_embedder(x.to(dtype))
@@ -147,15 +152,16 @@ class MMDiT(nn.Module):
         c = self.t_embedder(t)
         if self.pooled_embedder is not None:
             c = c + self.pooled_embedder(context.to(dtype).mean(dim=1))
-        zs = []
-        for i, block in enumerate(self.blocks):
+        outputs = BlockOutputs(self.projectors, self.repa_depth, taps)
+        for i, block in enumerate(self.blocks, 1):
+            heads = outputs.heads(i)
             if self.grad_checkpointing and torch.is_grad_enabled():
-                h, ctx = checkpoint(block, h, ctx, c, use_reentrant=False)
+                outs = checkpoint(block, h, ctx, c, heads, use_reentrant=False)
             else:
-                h, ctx = block(h, ctx, c)
-            if i + 1 == self.repa_depth:
-                zs = [projector(h) for projector in self.projectors]
-        return unpatchify(self.final_layer(h, c), self.patch_size, self.out_channels), zs
+                outs = block(h, ctx, c, heads)
+            h, ctx = outs[0], outs[1]
+            outputs.after(i, h, outs[2] if heads else None)
+        return outputs.result(unpatchify(self.final_layer(h, c), self.patch_size, self.out_channels))
 
 
 def build_mmdit(kwargs: dict, **extra) -> MMDiT:

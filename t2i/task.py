@@ -15,6 +15,7 @@ from core.config import ConfigError, TaskConfig, TrainConfig, check_choice, vali
 from core.data import SkippingDataset, decode_training_sample
 from core.dist import DistContext
 from core.latents import latent_layout
+from core.repa import projector_kwargs
 from core.shards import ShardReader, decode_value, feature_key, read_manifest
 from core.task import DataInfo, generated_dataset
 from core.text_encoders import text_shape
@@ -137,7 +138,7 @@ class T2ITask:
         return {**MMDIT_PRESETS[m.preset], "input_size": h, "in_channels": c,
                 "text_dim": int(self.null_context.shape[-1]), "repa_depth": self.cfg.repa.depth,
                 "encoder_dims": list(encoder_dims), "projector_dim": self.cfg.repa.projector_dim,
-                "qk_norm": m.qk_norm, "pooled_text": m.pooled_text}
+                "qk_norm": m.qk_norm, "pooled_text": m.pooled_text, **projector_kwargs(self.cfg.repa)}
 
     def dataset(self, need_image: bool, feature_names: list[str]):
         keys = tuple(feature_key(n) for n in feature_names)

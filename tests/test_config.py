@@ -26,7 +26,7 @@ def test_yaml_and_overrides_typed():
 
 @pytest.mark.parametrize("override,message", [
     ("train.lrr=1", "unknown config key 'train.lrr' (did you mean 'lr'?); valid keys in train: beta1, beta2, ckpt_"),
-    ("trian.lr=1", "unknown config key 'trian.lr' (did you mean 'train'?); valid keys in the top level: data, model, monitor, objective, repa, run, task, train"),
+    ("trian.lr=1", "unknown config key 'trian.lr' (did you mean 'train'?); valid keys in the top level: data, disp, model, monitor, objective, repa, run, task, train"),
     ("train.max_steps=ten", "train.max_steps: expected an integer, got 'ten'"),
     ("train.lr=fast", "train.lr: expected a number, got 'fast'"),
     ("train.skip_nonfinite=maybe", "train.skip_nonfinite: expected true or false, got 'maybe'"),
