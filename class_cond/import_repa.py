@@ -17,6 +17,10 @@ projector widths, learned sigma, qk-norm) and from `args` (`model` preset for th
 what neither tells is given as an override by our SiT field names, e.g. num_heads=16, repa_depth=8.
 Key names and shapes must match ours exactly (both follow timm's ViT naming; the reference's are listed in
 tests/data/repa_sit_xl2_keys.txt).
+
+A REG checkpoint (github.com/Martinser/REG: REPA's layout plus a class token, `cls_projectors2`, `wg_norm`,
+`final_layer.linear_cls`; tests/data/reg_sit_xl2_keys.txt) imports the same way, as a SiT with reg_dim set from
+its token embedding; eval.generate then integrates the token with the latents (--cls-cfg).
 """
 import argparse
 import json
@@ -68,7 +72,8 @@ def infer_sit_kwargs(state: dict, args: dict, **overrides) -> dict:
 
     hidden, in_ch, patch, _ = shape("x_embedder.proj.weight")
     depth = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k)))
-    grid = math.isqrt(shape("pos_embed")[1])
+    reg_dim = shape("cls_projectors2.weight")[1] if "cls_projectors2.weight" in state else 0  # REG's class token
+    grid = math.isqrt(shape("pos_embed")[1] - (1 if reg_dim else 0))  # REG: one position row for the token
     out_ch = shape("final_layer.linear.weight")[0] // patch**2
     projectors = sorted({int(m.group(1)) for k in state if (m := re.match(r"projectors\.(\d+)\.", k))})
     kwargs = {
@@ -81,6 +86,8 @@ def infer_sit_kwargs(state: dict, args: dict, **overrides) -> dict:
         "qk_norm": "blocks.0.attn.q_norm.weight" in state,
         "repa_depth": int(args.get("encoder_depth", 8)),  # not visible in shapes; the reference's default is 8
     }
+    if reg_dim:
+        kwargs["reg_dim"] = reg_dim
     preset = _preset_of(args.get("model"))
     if preset is not None and SIT_PRESETS[preset]["hidden_size"] == hidden:
         kwargs["num_heads"] = SIT_PRESETS[preset]["num_heads"]
@@ -95,7 +102,7 @@ def infer_sit_kwargs(state: dict, args: dict, **overrides) -> dict:
 
 
 _SIT_FIELDS = ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "mlp_ratio",
-               "num_classes", "learn_sigma", "repa_depth", "encoder_dims", "projector_dim", "qk_norm")
+               "num_classes", "learn_sigma", "repa_depth", "encoder_dims", "projector_dim", "qk_norm", "reg_dim")
 
 
 def _preset_of(model_name: Optional[str]) -> Optional[str]:

@@ -51,6 +51,12 @@ class SiT(nn.Module):
     encoder, N = (input_size / patch_size)**2). out_channels doubles with learn_sigma (DiT's variance head).
     With `taps` (core.repa.Taps: what a REPA-family loss needs) it returns (out, zs, tapped) instead.
     projector: "mlp" (REPA's) or "conv" (iREPA's, kernel projector_kernel); see core.repa.build_projector.
+
+    reg_dim > 0 makes it REG's model (Wu et al., arXiv 2507.01467): forward(x, t, y, cls=...) also takes a noised
+    encoder class token cls (B, reg_dim), embedded (Linear, then an affine LayerNorm) as token 0 with an all-zero
+    position row, and always returns (out, zs, extras) with extras["cls"] (B, reg_dim) the token's velocity
+    (a zero-initialised head on the final layer). zs then cover token 0 as well: (B, 1 + N, encoder_dims[k]).
+    Its parameter names (cls_projectors2, wg_norm, final_layer.linear_cls) are REG's, so its checkpoints load.
     """
 
     def __init__(
@@ -71,24 +77,30 @@ class SiT(nn.Module):
         grad_checkpointing: bool = False,
         projector: str = "mlp",
         projector_kernel: int = 3,
+        reg_dim: int = 0,
     ):
         super().__init__()
         _check_config(input_size, patch_size, hidden_size, depth, num_heads, repa_depth, encoder_dims)
         self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
         self.out_channels = 2 * in_channels if learn_sigma else in_channels
-        self.repa_depth = repa_depth
+        self.repa_depth, self.reg_dim = repa_depth, reg_dim
         self.grad_checkpointing = grad_checkpointing
 
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size)
         pos = get_2d_sincos_pos_embed(hidden_size, input_size // patch_size).unsqueeze(0)
+        if reg_dim:  # REG: the class token's position row is all zeros
+            pos = torch.cat([pos.new_zeros(1, 1, hidden_size), pos], dim=1)
         # Persistent so "pos_embed" is in the state dict like the reference (a frozen Parameter there).
         self.register_buffer("pos_embed", pos, persistent=True)
         self.blocks = nn.ModuleList(SiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm) for _ in range(depth))
         self.projectors = nn.ModuleList(build_projector(hidden_size, projector_dim, d, projector, projector_kernel)
                                         for d in encoder_dims)
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, token_dim=reg_dim)
+        if reg_dim:
+            self.cls_projectors2 = nn.Linear(reg_dim, hidden_size)
+            self.wg_norm = nn.LayerNorm(hidden_size, eps=1e-6)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -112,6 +124,9 @@ class SiT(nn.Module):
             nn.init.zeros_(mod.adaLN_modulation[-1].bias)
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
+        if self.reg_dim:  # REG: the token's head starts at zero; its embedding is a xavier Linear like the rest
+            nn.init.zeros_(self.final_layer.linear_cls.weight)
+            nn.init.zeros_(self.final_layer.linear_cls.bias)
 
     def _check_input(self, x: torch.Tensor) -> None:
         expected = (self.in_channels, self.input_size, self.input_size)
@@ -123,19 +138,31 @@ class SiT(nn.Module):
             return checkpoint(block, x, c, logit_heads, use_reentrant=False)
         return block(x, c, logit_heads)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, taps: Optional[Taps] = None):
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, taps: Optional[Taps] = None,
+                cls: Optional[torch.Tensor] = None):
         """See the class docstring for shapes."""
         self._check_input(x)
-        x = x.to(self.x_embedder.proj.weight.dtype)  # a bf16 model (DeepSpeed native bf16) takes fp32 latents
-        h = self.x_embedder(x)
+        dtype = self.x_embedder.proj.weight.dtype  # a bf16 model (DeepSpeed native bf16) takes fp32 latents
+        h = self.x_embedder(x.to(dtype))
+        if self.reg_dim:
+            if cls is None or cls.shape != (x.shape[0], self.reg_dim):
+                raise ValueError(f"this REG model takes the noised class token cls of shape ({x.shape[0]}, "
+                                 f"{self.reg_dim}), got {None if cls is None else tuple(cls.shape)}")
+            h = torch.cat([self.wg_norm(self.cls_projectors2(cls.to(dtype)))[:, None], h], dim=1)
+        elif cls is not None:
+            raise ValueError("cls is the class token of a REG model (reg_dim > 0); this model has none")
         h = h + self.pos_embed.to(h.dtype)  # the fixed buffer stays fp32 when ZeRO-3 casts the weights
         c = self.t_embedder(t) + self.y_embedder(y)
-        outputs = BlockOutputs(self.projectors, self.repa_depth, taps)
+        outputs = BlockOutputs(self.projectors, self.repa_depth, taps, prefix=1 if self.reg_dim else 0)
         for i, block in enumerate(self.blocks, 1):
             heads = outputs.heads(i)
             h, logits = self._block(block, h, c, heads) if heads else (self._block(block, h, c), None)
             outputs.after(i, h, logits)
-        return outputs.result(unpatchify(self.final_layer(h, c), self.patch_size, self.out_channels))
+        if not self.reg_dim:
+            return outputs.result(unpatchify(self.final_layer(h, c), self.patch_size, self.out_channels))
+        out, v_cls = self.final_layer.with_token(h, c)
+        out, zs, *tapped = outputs.result(unpatchify(out, self.patch_size, self.out_channels))
+        return out, zs, {**(tapped[0] if tapped else {"hidden": None, "attn": []}), "cls": v_cls}
 
 
 def _check_config(

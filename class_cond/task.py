@@ -122,7 +122,9 @@ class ClassCondTask:
         return {**SIT_PRESETS[m.preset], "input_size": h, "in_channels": c, "num_classes": self.num_classes,
                 "repa_depth": self.cfg.repa.depth, "encoder_dims": list(encoder_dims),
                 "projector_dim": self.cfg.repa.projector_dim, "qk_norm": m.qk_norm,
-                "learn_sigma": build_objective(self.cfg.objective).learn_sigma, **projector_kwargs(self.cfg.repa)}
+                "learn_sigma": build_objective(self.cfg.objective).learn_sigma, **projector_kwargs(self.cfg.repa),
+                # REG: the first encoder's class token is token 0 (absent otherwise, so other records are unchanged)
+                **({"reg_dim": int(encoder_dims[0])} if self.cfg.reg.coeff > 0 and encoder_dims else {})}
 
     def dataset(self, need_image: bool, feature_names: list[str]):
         keys = tuple(feature_key(n) for n in feature_names)

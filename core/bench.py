@@ -156,6 +156,7 @@ def count_flops(plan: RunPlan, encoders: list, step: int = 0) -> dict:
     """Training FLOPs per image at optimiser step `step`: model forward + backward (meta-device copy, no recompute)
     with what the REPA-family terms tap of it (attention logits, block outputs), and the forward of the REPA
     `encoders` (those the step runs; none after repa.stop_step), the first with the attention logits it gives.
+    A REG model also takes and predicts its class token (its embedding and head are counted).
     The losses themselves (cosine, softmax, pairwise distances) are not matmuls and are not counted."""
     n = 2
     with torch.device("meta"):
@@ -168,18 +169,22 @@ def count_flops(plan: RunPlan, encoders: list, step: int = 0) -> dict:
     c, h, w = plan.data.latent_shape
     taps = step_taps(plan, step)
     x, t = torch.randn(n, c, h, w, device=meta), torch.rand(n, device=meta)
+    reg_dim = plan.model_kwargs.get("reg_dim", 0)
+    kwargs = dict(cond, **({} if taps is None else {"taps": taps}),
+                  **({"cls": torch.randn(n, reg_dim, device=meta)} if reg_dim else {}))
     with FlopCounterMode(display=False) as fwd:
-        out, zs, *tapped = model(x, t, **cond) if taps is None else model(x, t, taps=taps, **cond)
+        out, zs, *tapped = model(x, t, **kwargs)
     tapped = tapped[0] if tapped else {}
-    ends = [out, *zs, *tapped.get("attn", [])] + ([tapped["hidden"]] if tapped.get("hidden") is not None else [])
+    ends = [out, *zs, *tapped.get("attn", [])] + [tapped[k] for k in ("hidden", "cls") if tapped.get(k) is not None]
     with FlopCounterMode(display=False) as bwd:
         sum(e.float().sum() for e in ends).backward()
     enc = 0
-    if encoders and plan.terms.aligning(step):
+    if encoders and plan.terms.uses_encoder(step):
         image = host["image"][:1].to(plan.ctx.device)
         with FlopCounterMode(display=False) as counter:
             for i, e in enumerate(encoders):
-                e.targets(image, plan.terms.encoder_attn_blocks if i == 0 else ())
+                e.targets(image, plan.terms.encoder_attn_blocks if i == 0 else (),
+                          with_cls=plan.terms.reg and i == 0)
         enc = counter.get_total_flops()
     return {"model_fwd": fwd.get_total_flops() / n, "model_bwd": bwd.get_total_flops() / n, "encoder_fwd": enc}
 
@@ -237,7 +242,7 @@ def bench_flops(cfg, task_cls, ctx, args) -> dict:
     loaded (on the CPU: one image each) only when the step runs them."""
     plan = plan_run(cfg, task_cls(cfg, task_cls.random_data(cfg, args.resolution)), ctx)
     encoders = (load_encoders(cfg.repa.encoders, plan.data.resolution, grid=plan.grid)
-                if plan.need_image and plan.terms.aligning(args.at_step) else [])
+                if plan.need_image and plan.terms.uses_encoder(args.at_step) else [])
     flops = count_flops(plan, encoders, step=args.at_step)
     with torch.device("meta"):
         params = sum(p.numel() for p in plan.task.build_model(plan.model_kwargs).parameters())

@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from core.diffusion import beta_schedule
-from core.encoders import encoder_attention, parse_encoder_spec
+from core.encoders import encoder_attention, encoder_has_class_token, parse_encoder_spec
 from core.fileio import atomic_write
 from core.repa import LOSS_KINDS, PROJECTORS, TARGET_NORMS
 from core.shards import read_manifest
@@ -93,6 +93,15 @@ class DispConfig:
 
 
 @dataclass
+class RegConfig:
+    """REG (Wu et al., arXiv 2507.01467): the first REPA encoder's class token, noised with the latents, is token
+    0 of the class-conditional SiT, which predicts its velocity too; REPA aligns that position as well. Sampling
+    integrates the token with the latents from Gaussian noise (eval.generate --cls-cfg)."""
+
+    coeff: float = 0.0  # weight of the class token's velocity MSE (REG's --cls 0.03); 0 = off (no token)
+
+
+@dataclass
 class ObjectiveConfig:
     # transport: SiT's stochastic interpolant (Sec. 2); ddpm: DiT's improved DDPM (Sec. 3, Table 3: DiT-L/2 and
     # DiT-XL/2 with REPA), eps-prediction with learned variance and the hybrid loss (core/diffusion.py)
@@ -141,6 +150,7 @@ class TaskConfig:
     run: RunConfig = field(default_factory=RunConfig)
     repa: RepaConfig = field(default_factory=RepaConfig)
     disp: DispConfig = field(default_factory=DispConfig)
+    reg: RegConfig = field(default_factory=RegConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
@@ -458,6 +468,34 @@ def validate_variants(cfg: Any) -> None:
         raise ConfigError(f"disp.tau must be > 0, got {d.tau}")
     if d.depth < 0:
         raise ConfigError(f"disp.depth must be >= 0 (0 = a quarter of the model's blocks), got {d.depth}")
+    validate_reg(cfg)
+
+
+def validate_reg(cfg: Any) -> None:
+    """REG's combinations: what it needs (REPA's single DINOv2 encoder, the transport objective) and the REPA
+    options it cannot share the token with, each refused naming the key."""
+    r, g = cfg.repa, cfg.reg
+    if g.coeff < 0:
+        raise ConfigError(f"reg.coeff must be >= 0, got {g.coeff}")
+    if g.coeff == 0:
+        return
+    if r.coeff <= 0:
+        raise ConfigError("reg.coeff > 0 needs repa.coeff > 0: REG takes its class token from REPA's encoder and "
+                          "aligns it with REPA")
+    if len(r.encoders) != 1 or not encoder_has_class_token(r.encoders[0]):
+        raise ConfigError(f"reg.coeff > 0 takes one encoder with a class token (DINOv2 as REG, DINOv3, MAE, MoCo v3), "
+                          f"got repa.encoders={list(r.encoders)}")
+    if cfg.objective.kind != "transport":
+        raise ConfigError(f"reg.coeff > 0 needs objective.kind=transport (REG noises its token on the SiT path), "
+                          f"got {cfg.objective.kind!r}")
+    for key, value, default in (("repa.projector", r.projector, "mlp"), ("repa.target_norm", r.target_norm, "none"),
+                                ("repa.stop_step", r.stop_step, 0), ("monitor.val_every", cfg.monitor.val_every, 0)):
+        if value != default:
+            why = {"repa.projector": "the class token is not on the token grid",
+                   "repa.target_norm": "the class token is not a patch token",
+                   "repa.stop_step": "the model takes the encoder's class token at every step",
+                   "monitor.val_every": "the validation loss does not feed the class token"}[key]
+            raise ConfigError(f"reg.coeff > 0 with {key}={value!r} is not supported ({why}); set {key}={default!r}")
 
 
 def validate_common(cfg: Any) -> None:

@@ -7,14 +7,16 @@ loading anything, so a model's projectors can be built first. The "-tiny" encode
 the same classes as the real ones, for tests and CPU demos.
 
 Position embeddings are resampled once at load time to the encoder's token grid with timm's
-`resample_abs_pos_embed` (bicubic, antialiased): the reference implementation's method for DINOv2 (16x16 at
-256 px, 32x32 at 512 px). Resampling on the fly (transformers' default) gives different embeddings.
+`resample_abs_pos_embed` (bicubic, antialiased): the reference implementation's method for DINOv2, MAE and MoCo v3
+(16x16 at 256 px, 32x32 at 512 px). Resampling on the fly (transformers' default) gives different embeddings.
+DINOv3 encodes positions with RoPE, computed from the input size, so it has nothing to resample.
 """
 import contextlib
 import os
+import pickle
 from dataclasses import dataclass
 from functools import partial
-from typing import Optional, Sequence, Tuple, Union
+from typing import Callable, Optional, Sequence, Tuple, Union
 from unittest import mock
 
 import torch
@@ -26,7 +28,8 @@ from core.hub import require_weights
 
 @dataclass(frozen=True)
 class _Entry:
-    family: str  # "dinov2" (transformers), "clip" (open_clip ViT), "siglip" (open_clip tower over a timm ViT)
+    family: str  # "dinov2", "dinov3", "mae", "ijepa" (transformers), "clip" (open_clip ViT), "siglip" (open_clip
+    # tower over a timm ViT), "mocov3" (timm ViT, weights from the MoCo v3 release's checkpoint file)
     dim: int  # token width D
     arch: Optional[str] = None  # open_clip model name
     source: Optional[str] = None  # default weights (hub id or open_clip tag); None: random init ("-tiny")
@@ -45,12 +48,39 @@ _ENCODERS = {
     "clip-tiny": _Entry("clip", 32, "ViT-B-16"),
     "siglip-b": _Entry("siglip", 768, "ViT-B-16-SigLIP", "webli"),
     "siglip-tiny": _Entry("siglip", 32, "ViT-B-16-SigLIP"),
+    "mae-b": _Entry("mae", 768, source="facebook/vit-mae-base"),
+    "mae-l": _Entry("mae", 1024, source="facebook/vit-mae-large"),
+    "mae-h": _Entry("mae", 1280, source="facebook/vit-mae-huge"),
+    "mae-tiny": _Entry("mae", 32),
+    "ijepa-h": _Entry("ijepa", 1280, source="facebook/ijepa_vith14_1k"),
+    "ijepa-tiny": _Entry("ijepa", 32),
+    # MoCo v3: the checkpoint file names of the release (no hub copy); the weights must be given as NAME@FILE
+    "mocov3-s": _Entry("mocov3", 384, source="vit-s-300ep.pth.tar"),
+    "mocov3-b": _Entry("mocov3", 768, source="vit-b-300ep.pth.tar"),
+    "mocov3-tiny": _Entry("mocov3", 32),
+    "dinov3-s": _Entry("dinov3", 384, source="facebook/dinov3-vits16-pretrain-lvd1689m"),
+    "dinov3-b": _Entry("dinov3", 768, source="facebook/dinov3-vitb16-pretrain-lvd1689m"),
+    "dinov3-l": _Entry("dinov3", 1024, source="facebook/dinov3-vitl16-pretrain-lvd1689m"),
+    "dinov3-tiny": _Entry("dinov3", 32),
 }
 ENCODER_NAMES = tuple(_ENCODERS)
 RANDOM_SOURCE = "random"  # NAME@random: the real architecture with random weights (benchmarks: same FLOPs, no download)
 # The facebook/dinov2-* configs (width, layers, heads, SwiGLU MLP), for NAME@random without the hub.
 _DINOV2_ARCH = {"dinov2-s": (384, 12, 6, False), "dinov2-b": (768, 12, 12, False), "dinov2-l": (1024, 24, 16, False),
                 "dinov2-g": (1536, 40, 24, True)}
+# (width, layers, heads, patch) of the other released encoders (MLP 4x width), for NAME@random and the attention
+# table: the hub configs of facebook/vit-mae-*, ijepa_vith14_1k and dinov3-vit*16; MoCo v3's vits.py (ViT-S: 12 heads).
+_VIT_ARCH = {"mae-b": (768, 12, 12, 16), "mae-l": (1024, 24, 16, 16), "mae-h": (1280, 32, 16, 14),
+             "ijepa-h": (1280, 32, 16, 14), "mocov3-s": (384, 12, 12, 16), "mocov3-b": (768, 12, 12, 16),
+             "dinov3-s": (384, 12, 6, 16), "dinov3-b": (768, 12, 12, 16), "dinov3-l": (1024, 24, 16, 16)}
+# Families whose attention logits `TargetEncoder.targets` returns (query/key projections hooked; DINOv3's RoPE
+# applied to them as its attention does). MoCo v3's timm ViT fuses q, k and v in one layer and is not hooked.
+_ATTENTION_FAMILIES = ("dinov2", "dinov3", "mae", "ijepa")
+# Families whose class token (after the final norm) `TargetEncoder.targets(..., with_cls=True)` returns (REG).
+_CLASS_TOKEN_FAMILIES = ("dinov2", "dinov3", "mae", "mocov3")
+# Tokens per side at 256 px for MAE, I-JEPA, MoCo v3 and DINOv3 when no model grid is given: 224 px for patch 14
+# (the reference resizes I-JEPA to 224 * res / 256) and 256 px for patch 16 (it feeds MAE and MoCo v3 unresized).
+_GRID_AT_256 = 16
 
 # The tiny encoders: width 32, 2 layers, 2 heads, MLP 64, patch 7, built for 28 px (4x4 tokens), seed 0.
 _TINY = dict(width=32, layers=2, heads=2, mlp_ratio=2, patch=7, image=28, seed=0)
@@ -82,15 +112,24 @@ def encoder_dim(spec: str) -> int:
     return _ENCODERS[parse_encoder_spec(spec)[0]].dim
 
 
+def encoder_has_class_token(spec: str) -> bool:
+    """Whether `TargetEncoder.targets(..., with_cls=True)` gives this encoder's class token (REG), from the table."""
+    return _ENCODERS[parse_encoder_spec(spec)[0]].family in _CLASS_TOKEN_FAMILIES
+
+
 def encoder_attention(spec: str) -> Tuple[int, int]:
     """(blocks, heads per block) of an encoder whose attention logits `TargetEncoder.targets` can return (HASTE's
     attention distillation), from the table; ValueError for an encoder that cannot."""
     name, _ = parse_encoder_spec(spec)
-    if _ENCODERS[name].family != "dinov2":
+    if _ENCODERS[name].family not in _ATTENTION_FAMILIES:
+        able = ", ".join(n for n, e in _ENCODERS.items() if e.family in _ATTENTION_FAMILIES)
         raise ValueError(f"encoder {name!r} cannot give its attention logits: attention distillation takes a DINOv2 "
-                         f"encoder ({', '.join(n for n, e in _ENCODERS.items() if e.family == 'dinov2')})")
+                         f"encoder or another whose attention can be read ({able})")
     if name in _DINOV2_ARCH:
         _, layers, heads, _ = _DINOV2_ARCH[name]
+        return layers, heads
+    if name in _VIT_ARCH:
+        _, layers, heads, _ = _VIT_ARCH[name]
         return layers, heads
     return _TINY["layers"], _TINY["heads"]
 
@@ -105,20 +144,25 @@ class TargetEncoder(nn.Module):
 
     input_size: patch_size * grid when the model's token grid is given, so each model token has one encoder patch
     whatever the encoder's patch size (224 px for DINOv2 at 256 px with a /2 model, as the reference; 256 px for a
-    patch-16 CLIP or SigLIP, whose 224 px input would give 196 patches for 256 tokens); otherwise the reference's
-    224 * resolution / 256.
+    patch-16 CLIP or SigLIP, whose 224 px input would give 196 patches for 256 tokens); otherwise, with
+    `grid_per_256`, patch_size * grid_per_256 * resolution / 256 (grid_per_256 tokens per side at 256 px), else the
+    reference's 224 * resolution / 256.
     """
 
     def __init__(self, name: str, model: nn.Module, embed_dim: int, patch_size: int, resolution: int,
                  mean: Sequence[float], std: Sequence[float], description: Optional[str] = None,
-                 grid: Optional[int] = None):
+                 grid: Optional[int] = None, grid_per_256: Optional[int] = None):
         super().__init__()
-        input_size = patch_size * grid if grid else round(224 * resolution / 256)
+        if grid:
+            input_size, rule = patch_size * grid, f"{patch_size} * grid {grid}"
+        elif grid_per_256:
+            input_size = round(patch_size * grid_per_256 * resolution / 256)
+            rule = f"{patch_size * grid_per_256} * {resolution} / 256"
+        else:
+            input_size, rule = round(224 * resolution / 256), f"224 * {resolution} / 256"
         if input_size % patch_size:
-            raise ValueError(
-                f"encoder {name!r}: input size {input_size} px (224 * {resolution} / 256) is not divisible by "
-                f"its patch size {patch_size}"
-            )
+            raise ValueError(f"encoder {name!r}: input size {input_size} px ({rule}) is not divisible by its patch "
+                             f"size {patch_size}")
         self.name, self.description = name, description or name
         self.embed_dim, self.patch_size, self.resolution = int(embed_dim), int(patch_size), resolution
         self.input_size = input_size
@@ -161,18 +205,22 @@ class TargetEncoder(nn.Module):
         return self._run(self._tokens, images)
 
     @torch.no_grad()
-    def targets(self, images: torch.Tensor, attn_blocks: Sequence[int] = ()) -> Tuple[torch.Tensor, list]:
-        """images: (B, 3, H, W) in 0..255 -> (the patch tokens of forward, one float32 (B, heads, num_tokens,
+    def targets(self, images: torch.Tensor, attn_blocks: Sequence[int] = (),
+                with_cls: bool = False) -> Tuple[torch.Tensor, list, Optional[torch.Tensor]]:
+        """images: (B, 3, H, W) in 0..255 -> (the patch tokens of forward; one float32 (B, heads, num_tokens,
         num_tokens) tensor of attention logits q k^T / sqrt(head_dim) per 1-indexed block of `attn_blocks`, the
-        prefix (CLS) rows and columns dropped). The logits come from the same forward as the tokens."""
-        if not attn_blocks:
-            return self(images), []
-        tokens, logits = self._run(lambda x: self._tokens_and_attention(x, tuple(attn_blocks)), images)
-        return tokens, logits
+        prefix (CLS) rows and columns dropped (HASTE); with `with_cls` the class token after the final norm (B, D),
+        else None (REG)). All come from one forward."""
+        if with_cls and not encoder_has_class_token(self.name):
+            raise ValueError(f"encoder {self.name!r} gives no class token, and REG needs one: take an encoder with a "
+                             f"CLS token (DINOv2, DINOv3, MAE, MoCo v3)")
+        if not attn_blocks and not with_cls:
+            return self(images), [], None
+        return self._run(lambda x: self._all_targets(x, tuple(attn_blocks)), images)
 
-    def _tokens_and_attention(self, x: torch.Tensor, blocks: tuple) -> Tuple[torch.Tensor, list]:
-        raise ValueError(f"encoder {self.name!r} cannot give its attention logits (attention distillation takes a "
-                         f"DINOv2 encoder)")
+    def _all_targets(self, x: torch.Tensor, blocks: tuple) -> Tuple[torch.Tensor, list, torch.Tensor]:
+        raise ValueError(f"encoder {self.name!r} cannot give its attention logits or class token (attention "
+                         f"distillation takes a DINOv2, DINOv3, MAE or I-JEPA encoder, REG one of these but I-JEPA)")
 
     @torch.no_grad()
     def embed(self, images: torch.Tensor) -> torch.Tensor:
@@ -190,8 +238,8 @@ class TargetEncoder(nn.Module):
         on_cuda = x.device.type == "cuda"
         with torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda else contextlib.nullcontext():
             out = fn(x)
-        if isinstance(out, tuple):  # (tokens, [attention logits])
-            return out[0].float(), [a.float() for a in out[1]]
+        if isinstance(out, tuple):  # (tokens, [attention logits], class token or None)
+            return out[0].float(), [a.float() for a in out[1]], None if out[2] is None else out[2].float()
         return out.float()
 
     def extra_repr(self) -> str:
@@ -214,32 +262,13 @@ class DinoV2Encoder(TargetEncoder):
     def _embedding(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(pixel_values=x).last_hidden_state[:, 0]
 
-    def _tokens_and_attention(self, x: torch.Tensor, blocks: tuple) -> Tuple[torch.Tensor, list]:
+    def _all_targets(self, x: torch.Tensor, blocks: tuple) -> Tuple[torch.Tensor, list, torch.Tensor]:
         """Forward hooks on the query and key projections of the requested blocks catch q and k (DINOv2 has no
         q/k norm), so the attention implementation the model runs (SDPA, eager) does not matter."""
-        layers, config = self.model.encoder.layer, self.model.config
-        heads = config.num_attention_heads
-        caught: dict = {}
-        handles = []
-        for block in blocks:
-            if not 1 <= block <= len(layers):
-                raise ValueError(f"encoder {self.name!r} has blocks 1..{len(layers)}, not {block}")
-            q_proj, k_proj = _query_key(layers[block - 1])
-            for kind, module in (("q", q_proj), ("k", k_proj)):
-                handles.append(module.register_forward_hook(
-                    lambda _m, _i, out, key=(block, kind): caught.__setitem__(key, out)))
-        try:
-            tokens = self._tokens(x)
-        finally:
-            for h in handles:
-                h.remove()
-        logits = []
-        for block in blocks:
-            q, k = (caught[(block, kind)] for kind in ("q", "k"))
-            B, N, D = q.shape
-            q, k = (t.reshape(B, N, heads, D // heads).transpose(1, 2) for t in (q, k))
-            logits.append(((q * (D // heads) ** -0.5) @ k.transpose(-2, -1))[:, :, 1:, 1:])
-        return tokens, logits
+        hidden, logits = _attention_logits(lambda: self.model(pixel_values=x).last_hidden_state,
+                                           self.model.encoder.layer, blocks, self.model.config.num_attention_heads,
+                                           prefix=1, name=self.name)
+        return hidden[:, 1:], logits, hidden[:, 0]
 
 
 class OpenClipViTEncoder(TargetEncoder):
@@ -269,6 +298,106 @@ class OpenClipTimmEncoder(TargetEncoder):
         return trunk.forward_features(x)[:, trunk.num_prefix_tokens:]
 
 
+class _TransformersViTEncoder(TargetEncoder):
+    """A transformers ViT (MAE, I-JEPA, DINOv3) whose `_forward` gives (patch tokens, class token or None) and
+    whose blocks (`_layers`) have q_proj/k_proj projections: `targets` reads attention logits from those."""
+    num_prefix = 1  # leading non-patch tokens (CLS, registers) in the model's sequence
+
+    def _forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        raise NotImplementedError
+
+    def _layers(self) -> nn.ModuleList:
+        return self.model.layers
+
+    def _rotate(self, x: torch.Tensor) -> Optional[Callable]:
+        """None, or (q, k) -> (q, k): a position encoding the attention applies after the projections."""
+        return None
+
+    def _tokens(self, x: torch.Tensor) -> torch.Tensor:
+        return self._forward(x)[0]
+
+    def _all_targets(self, x: torch.Tensor, blocks: tuple) -> Tuple[torch.Tensor, list, Optional[torch.Tensor]]:
+        rotate = self._rotate(x) if blocks else None
+        (tokens, cls), logits = _attention_logits(lambda: self._forward(x), self._layers(), blocks,
+                                                  self.model.config.num_attention_heads, self.num_prefix, self.name,
+                                                  rotate)
+        return tokens, logits, cls
+
+
+class MaeEncoder(_TransformersViTEncoder):
+    """transformers ViTMAEModel with masking off: mask ratio 0 and a noise that sorts to raster order, so no token
+    is dropped or moved. Tokens = output of the last block without the CLS token, before the final layernorm (the
+    reference's MAE ViT skips that norm); the class token is taken after it."""
+
+    def _fit_grid(self) -> None:
+        _fit_hf_position_embeddings(self.model, self.grid, self.input_size, num_prefix_tokens=1)
+        self.model.config.mask_ratio = 0.0
+
+    def _forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        # MAE shuffles patches by argsort(noise) before its blocks; an increasing noise keeps their order
+        noise = torch.arange(self.num_tokens, device=x.device, dtype=torch.float32).expand(x.shape[0], -1)
+        out = self.model(pixel_values=x, noise=noise, output_hidden_states=True)
+        return out.hidden_states[-1][:, 1:], out.last_hidden_state[:, 0]
+
+
+class IJepaEncoder(_TransformersViTEncoder):
+    """transformers IJepaModel; tokens = last_hidden_state (after the final layernorm, as the reference's I-JEPA
+    encoder). I-JEPA has no class token."""
+    num_prefix = 0
+
+    def _fit_grid(self) -> None:
+        _fit_hf_position_embeddings(self.model, self.grid, self.input_size, num_prefix_tokens=0)
+
+    def _forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, None]:
+        return self.model(pixel_values=x).last_hidden_state, None
+
+
+class DinoV3Encoder(_TransformersViTEncoder):
+    """transformers DINOv3ViTModel; tokens = last_hidden_state after the CLS and register tokens (after the final
+    norm), class token = last_hidden_state[:, 0]. RoPE positions follow the input size: nothing to resample."""
+
+    @property
+    def num_prefix(self) -> int:
+        return 1 + self.model.config.num_register_tokens
+
+    def _fit_grid(self) -> None:
+        self.model.config.image_size = self.input_size
+
+    def _layers(self) -> nn.ModuleList:
+        return self.model.model.layer
+
+    def _forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.model(pixel_values=x).last_hidden_state
+        return hidden[:, self.num_prefix:], hidden[:, 0]
+
+    def _rotate(self, x: torch.Tensor) -> Callable:
+        """The RoPE rotation DINOv3's attention applies to the patch tokens' q and k (cos, sin: a function of the
+        input size alone, the encoder being in eval mode)."""
+        # heavy (transformers): imported only when attention logits are asked for
+        from transformers.models.dinov3_vit.modeling_dinov3_vit import apply_rotary_pos_emb
+
+        cos, sin = self.model.rope_embeddings(x.to(self.model.embeddings.patch_embeddings.weight.dtype))
+        return lambda q, k: apply_rotary_pos_emb(q, k, cos, sin)
+
+
+class MocoV3Encoder(TargetEncoder):
+    """timm VisionTransformer with the MoCo v3 base encoder's weights; tokens = forward_features (after the final
+    norm) without the CLS token, as the reference; class token = forward_features[:, 0]."""
+
+    def _fit_grid(self) -> None:
+        self.model.set_input_size((self.input_size, self.input_size))  # resample_abs_pos_embed, as the reference
+
+    def _tokens(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_features(x)[:, self.model.num_prefix_tokens:]
+
+    def _all_targets(self, x: torch.Tensor, blocks: tuple) -> Tuple[torch.Tensor, list, torch.Tensor]:
+        if blocks:
+            raise ValueError(f"encoder {self.name!r} cannot give its attention logits (timm fuses its q, k, v "
+                             f"projections): attention distillation takes a DINOv2, DINOv3, MAE or I-JEPA encoder")
+        hidden = self.model.forward_features(x)
+        return hidden[:, self.model.num_prefix_tokens:], [], hidden[:, 0]
+
+
 def load_encoder(spec: str, resolution: int, device: Union[str, torch.device] = "cpu",
                  grid: Optional[int] = None) -> TargetEncoder:
     """Build the frozen encoder named by `spec` for images of `resolution` px, in eval mode on `device`; with
@@ -277,7 +406,8 @@ def load_encoder(spec: str, resolution: int, device: Union[str, torch.device] = 
     entry = _ENCODERS[name]
     if entry.source is None and source is not None:
         raise ValueError(f"encoder {name!r} is random-init and takes no @SOURCE (got {source!r})")
-    build = {"dinov2": _build_dinov2, "clip": _build_clip, "siglip": _build_siglip}[entry.family]
+    build = {"dinov2": _build_dinov2, "clip": _build_clip, "siglip": _build_siglip, "mae": _build_transformers_vit,
+             "ijepa": _build_transformers_vit, "dinov3": _build_transformers_vit, "mocov3": _build_mocov3}[entry.family]
     encoder = build(spec, entry, source or entry.source, resolution, grid)
     if encoder.embed_dim != entry.dim:
         raise ValueError(
@@ -314,19 +444,130 @@ def _build_dinov2(spec: str, entry: _Entry, source: Optional[str], resolution: i
         with _seeded(0):
             model, description = Dinov2Model(config), f"{spec} (random weights, real architecture)"
     else:
-        _check_local_path(spec, source)
-        name = parse_encoder_spec(spec)[0]
-        require_weights(source, f"encoder {spec!r}: its weights", f"name the copy as {name}@DIR (repa.encoders, "
-                        "data_prep --features, eval.representation --encoder)")
-        try:
-            model = Dinov2Model.from_pretrained(os.path.expanduser(source), dtype=torch.float32)
-        except OSError as e:
-            raise OSError(f"encoder {spec!r}: cannot load DINOv2 weights from {source!r}: {e}") from e
-        description = f"{spec} ({source})"
+        model, description = _from_pretrained(spec, Dinov2Model, source, "DINOv2"), f"{spec} ({source})"
     patch = model.config.patch_size
     patch = patch if isinstance(patch, int) else patch[0]
     return DinoV2Encoder(spec, model, model.config.hidden_size, patch, resolution,
                          IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, description, grid)
+
+
+def _from_pretrained(spec: str, model_cls, source: str, what: str) -> nn.Module:
+    """`model_cls.from_pretrained(source)` in float32, failing at once with the fix when the weights are missing."""
+    _check_local_path(spec, source)
+    name = parse_encoder_spec(spec)[0]
+    require_weights(source, f"encoder {spec!r}: its weights", f"name the copy as {name}@DIR (repa.encoders, "
+                    "data_prep --features, eval.representation --encoder)")
+    try:
+        return model_cls.from_pretrained(os.path.expanduser(source), dtype=torch.float32)
+    except OSError as e:
+        raise OSError(f"encoder {spec!r}: cannot load {what} weights from {source!r}: {e}") from e
+
+
+def _build_transformers_vit(spec: str, entry: _Entry, source: Optional[str], resolution: int,
+                            grid: Optional[int]) -> TargetEncoder:
+    """MAE (ViTMAEModel), I-JEPA (IJepaModel) or DINOv3 (DINOv3ViTModel), all with ImageNet mean/std."""
+    # heavy (transformers): imported only when this model is built
+    from transformers import DINOv3ViTConfig, DINOv3ViTModel, IJepaConfig, IJepaModel, ViTMAEConfig, ViTMAEModel
+    from transformers.utils.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    config_cls, model_cls, encoder_cls, what, extra = {
+        "mae": (ViTMAEConfig, ViTMAEModel, MaeEncoder, "MAE", dict(mask_ratio=0.0)),
+        "ijepa": (IJepaConfig, IJepaModel, IJepaEncoder, "I-JEPA", {}),
+        # the released DINOv3 ViT-S/B/L: 4 registers, no key bias, layer scale (value irrelevant to the shapes)
+        "dinov3": (DINOv3ViTConfig, DINOv3ViTModel, DinoV3Encoder, "DINOv3",
+                   dict(num_register_tokens=4, key_bias=False, layerscale_value=1e-5)),
+    }[entry.family]
+    name = parse_encoder_spec(spec)[0]
+    if source is None or source == RANDOM_SOURCE:
+        if source is None:
+            width, layers, heads, patch = _TINY["width"], _TINY["layers"], _TINY["heads"], _TINY["patch"]
+            mlp, image, seed, description = _TINY["mlp_ratio"], _TINY["image"], _TINY["seed"], f"{spec} (random init)"
+        else:
+            width, layers, heads, patch = _VIT_ARCH[name]
+            mlp, image, seed, description = 4, 224, 0, f"{spec} (random weights, real architecture)"
+        config = config_cls(hidden_size=width, num_hidden_layers=layers, num_attention_heads=heads,
+                            intermediate_size=mlp * width, patch_size=patch, image_size=image, **extra)
+        with _seeded(seed):
+            model = model_cls(config)
+    else:
+        model, description = _from_pretrained(spec, model_cls, source, what), f"{spec} ({source})"
+    patch = model.config.patch_size
+    patch = patch if isinstance(patch, int) else patch[0]
+    return encoder_cls(spec, model, model.config.hidden_size, patch, resolution, IMAGENET_DEFAULT_MEAN,
+                       IMAGENET_DEFAULT_STD, description, grid, _grid_per_256(source, patch))
+
+
+def _build_mocov3(spec: str, entry: _Entry, source: Optional[str], resolution: int,
+                  grid: Optional[int]) -> TargetEncoder:
+    """A timm ViT in MoCo v3's layout (qkv bias, LayerNorm eps 1e-6, no head) with ImageNet mean/std; the weights
+    from the release's checkpoint file, which must be given as NAME@FILE."""
+    # heavy (timm): imported only when this model is built
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    from timm.models.vision_transformer import VisionTransformer
+
+    name, given = parse_encoder_spec(spec)
+    if source is None:
+        with _seeded(_TINY["seed"]):
+            model = VisionTransformer(img_size=_TINY["image"], patch_size=_TINY["patch"], embed_dim=_TINY["width"],
+                                      depth=_TINY["layers"], num_heads=_TINY["heads"], mlp_ratio=_TINY["mlp_ratio"],
+                                      num_classes=0)
+        description = f"{spec} (random init)"
+    else:
+        url = f"https://dl.fbaipublicfiles.com/moco-v3/{entry.source.removesuffix('.pth.tar')}/{entry.source}"
+        if given is None:
+            raise FileNotFoundError(
+                f"encoder {spec!r} takes the MoCo v3 release's checkpoint as a local file: download {entry.source} "
+                f"({url}, listed in github.com/facebookresearch/moco-v3) and pass {name}@/path/to/{entry.source} "
+                f"(repa.encoders, data_prep --features, eval.representation --encoder), or {name}@{RANDOM_SOURCE} "
+                "for random weights")
+        state = None if source == RANDOM_SOURCE else _read_mocov3(spec, source, url)  # before a model is built
+        width, layers, heads, patch = _VIT_ARCH[name]
+        with _seeded(0):  # built at the release's 224 px (14x14 position embeddings), resampled by the encoder
+            model = VisionTransformer(img_size=224, patch_size=patch, embed_dim=width, depth=layers, num_heads=heads,
+                                      mlp_ratio=4, qkv_bias=True, num_classes=0)
+        if state is None:
+            description = f"{spec} (random weights, real architecture)"
+        else:
+            try:
+                model.load_state_dict(state, strict=True)
+            except RuntimeError as e:
+                raise RuntimeError(f"encoder {spec!r}: cannot load MoCo v3 weights from {source!r}: {e}") from e
+            description = f"{spec} ({source})"
+    return MocoV3Encoder(spec, model, model.embed_dim, model.patch_embed.patch_size[0], resolution,
+                         IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, description, grid,
+                         _grid_per_256(source, model.patch_embed.patch_size[0]))
+
+
+def mocov3_state_dict(checkpoint: dict) -> dict:
+    """A MoCo v3 training checkpoint ({"state_dict": {"module.base_encoder.<timm ViT key>": tensor, ...}, ...})
+    -> the base encoder's state dict for a timm VisionTransformer without head (the projector MLP that MoCo v3
+    puts in `head`, the momentum encoder and the predictor are dropped)."""
+    state = checkpoint.get("state_dict", checkpoint)
+    prefix = "module.base_encoder."
+    out = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix) and not k.startswith(prefix + "head.")}
+    if not out:
+        raise ValueError(f"not a MoCo v3 checkpoint: no '{prefix}*' keys under 'state_dict' "
+                         f"(found e.g. {', '.join(list(state)[:3]) or 'nothing'})")
+    return out
+
+
+def _read_mocov3(spec: str, source: str, url: str) -> dict:
+    """The base encoder's state dict from the MoCo v3 checkpoint file `source` (`mocov3_state_dict`)."""
+    path = os.path.expanduser(source)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"encoder {spec!r}: MoCo v3 checkpoint {source!r} is not a file; download it from "
+                                f"{url} and pass its path")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        return mocov3_state_dict(checkpoint)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as e:
+        raise RuntimeError(f"encoder {spec!r}: cannot load MoCo v3 weights from {source!r}: {e}") from e
+
+
+def _grid_per_256(source: Optional[str], patch: int) -> int:
+    """Tokens per side at 256 px: the reference's for a released encoder (16), the other tiny encoders' for a -tiny
+    one (224 px / patch 7 = 32)."""
+    return 224 // patch if source is None else _GRID_AT_256
 
 
 def _build_clip(spec: str, entry: _Entry, source: Optional[str], resolution: int,
@@ -412,9 +653,50 @@ def _open_clip_visual(spec: str, entry: _Entry, source: str):
     return model.visual, pcfg["mean"], pcfg["std"], f"{spec} ({entry.arch}, {source})"
 
 
+def _attention_logits(run, layers: nn.ModuleList, blocks: tuple, heads: int, prefix: int, name: str,
+                      rotate=None):
+    """Run `run()` with forward hooks on the query and key projections (`_query_key`) of the 1-indexed `blocks` of
+    `layers` -> (run's result, [(B, heads, N - prefix, N - prefix) logits q k^T / sqrt(head_dim) per block], the
+    `prefix` leading tokens' rows and columns dropped). `rotate(q, k)` -> (q, k): a position encoding applied
+    after the projections (DINOv3's RoPE). Hooks on the projections make the attention kernel (SDPA, eager)
+    irrelevant."""
+    caught: dict = {}
+    handles = []
+    for block in blocks:
+        if not 1 <= block <= len(layers):
+            raise ValueError(f"encoder {name!r} has blocks 1..{len(layers)}, not {block}")
+        for kind, module in zip("qk", _query_key(layers[block - 1])):
+            handles.append(module.register_forward_hook(
+                lambda _m, _i, out, key=(block, kind): caught.__setitem__(key, out)))
+    try:
+        result = run()
+    finally:
+        for h in handles:
+            h.remove()
+    logits = []
+    for block in blocks:
+        q, k = (caught[(block, kind)] for kind in "qk")
+        B, N, D = q.shape
+        q, k = (t.reshape(B, N, heads, D // heads).transpose(1, 2) for t in (q, k))
+        if rotate is not None:
+            q, k = rotate(q, k)
+        logits.append(((q * (D // heads) ** -0.5) @ k.transpose(-2, -1))[:, :, prefix:, prefix:])
+    return result, logits
+
+
+def _fit_hf_position_embeddings(model: nn.Module, grid: int, input_size: int, num_prefix_tokens: int) -> None:
+    """Resample a transformers ViT's absolute position embeddings (MAE, I-JEPA) to grid x grid and set the input
+    size its embeddings check against."""
+    emb = model.embeddings
+    emb.position_embeddings = _resampled(emb.position_embeddings, grid, num_prefix_tokens=num_prefix_tokens)
+    emb.image_size = emb.patch_embeddings.image_size = (input_size, input_size)
+    emb.patch_embeddings.num_patches = grid**2
+    model.config.image_size = input_size
+
+
 def _query_key(layer: nn.Module) -> Tuple[nn.Module, nn.Module]:
-    """The query and key Linear layers of a transformers Dinov2Layer (named q_proj/k_proj since transformers 5,
-    attention.query/attention.key before)."""
+    """The query and key Linear layers of a transformers ViT layer (Dinov2, ViTMAE, IJepa, DINOv3ViT): named
+    attention.q_proj/k_proj since transformers 5, attention.attention.query/key before."""
     attn = layer.attention
     if hasattr(attn, "q_proj"):
         return attn.q_proj, attn.k_proj

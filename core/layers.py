@@ -154,17 +154,31 @@ def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> torch.Tensor:
 
 
 class FinalLayer(nn.Module):
-    """adaLN-modulated norm + linear head. x: (B, N, hidden), c: (B, hidden) -> (B, N, patch_size**2 * out_channels)."""
+    """adaLN-modulated norm + linear head. x: (B, N, hidden), c: (B, hidden) -> (B, N, patch_size**2 * out_channels).
 
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+    token_dim > 0 adds REG's head for a leading class token (`linear_cls`, REG's name): `with_token` maps the
+    first token to (B, token_dim) and the others through `linear`.
+    """
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, token_dim: int = 0):
         super().__init__()
         self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        if token_dim:
+            self.linear_cls = nn.Linear(hidden_size, token_dim)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def _modulated(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
+        return modulate(self.norm_final(x), shift, scale)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return self.linear(self._modulated(x, c))
+
+    def with_token(self, x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (B, 1 + N, hidden) -> ((B, N, patch_size**2 * out_channels), (B, token_dim) of token 0)."""
+        x = self._modulated(x, c)
+        return self.linear(x[:, 1:]), self.linear_cls(x[:, 0])
 
 
 def unpatchify(x: torch.Tensor, patch_size: int, channels: int) -> torch.Tensor:

@@ -11,9 +11,11 @@ official repository and commit each was read against, and what we do differently
   (`attention_distillation_loss`), and a step after which every term that uses the encoder stops.
 - Dispersive loss (arXiv 2506.09027): an InfoNCE-style repulsion of the batch's block outputs (`dispersive_loss`),
   no encoder needed.
+- REG (arXiv 2507.01467): the encoder's class token, noised with the latents, is a token of the model, which
+  predicts its velocity too (the model and core.transport carry it; here its loss and REPA's target over it).
 
-`RepresentationTerms` turns the config's repa and disp sections into what a step asks of the model (`Taps`) and
-of the encoders, and into the named losses it adds to the denoising loss.
+`RepresentationTerms` turns the config's repa, disp and reg sections into what a step asks of the model (`Taps`)
+and of the encoders, and into the named losses it adds to the denoising loss.
 """
 import math
 from dataclasses import dataclass
@@ -217,27 +219,37 @@ class BlockOutputs:
 
 @dataclass
 class EncoderTargets:
-    """What the frozen encoders give one micro-batch: the patch tokens of each encoder (B, N, D_k) and, for HASTE,
-    the first encoder's attention logits of its distilled blocks (B, heads, N, N), CLS dropped."""
+    """What the frozen encoders give one micro-batch: the patch tokens of each encoder (B, N, D_k); for HASTE,
+    the first encoder's attention logits of its distilled blocks (B, heads, N, N), CLS dropped; for REG, the first
+    encoder's class token (B, D_0)."""
 
     tokens: list
     attn: list
+    cls: Optional[torch.Tensor] = None
 
 
 class RepresentationTerms:
-    """The representation terms of a run beside the denoising loss, from its config's `repa` and `disp` sections.
+    """The representation terms of a run beside the denoising loss, from its config's `repa`, `disp` and `reg`
+    sections.
 
-    Per step it says what the model must return (`taps`), whether the encoders run (`uses_encoder`) and which
-    blocks' attention they return, and gives the named unweighted losses and their weighted sum (`losses`).
-    `names` are the loss names it logs (`repa_loss` always, so every run's records have it).
+    Per step it says what the model must return (`taps`), whether the encoders run (`uses_encoder`), which blocks'
+    attention and whether the class token they return, and gives the named unweighted losses and their weighted sum
+    (`losses`). `names` are the loss names it logs (`repa_loss` always, so every run's records have it).
     """
 
-    def __init__(self, repa_cfg, disp_cfg, model_depth: int):
-        self.repa, self.disp = repa_cfg, disp_cfg
+    def __init__(self, repa_cfg, disp_cfg, model_depth: int, reg_cfg=None):
+        self.repa, self.disp, self.reg_cfg = repa_cfg, disp_cfg, reg_cfg
         self.align = repa_cfg.coeff > 0 and bool(repa_cfg.encoders)
         self.attn = self.align and repa_cfg.attn_coeff > 0
         self.disp_depth = (disp_cfg.depth or max(model_depth // 4, 1)) if disp_cfg.coeff > 0 else 0
-        self.names = ("repa_loss",) + (("attn_loss",) if self.attn else ()) + (("disp_loss",) if self.disp_depth else ())
+        self.reg = self.align and reg_cfg is not None and reg_cfg.coeff > 0
+        self.names = (("repa_loss",) + (("attn_loss",) if self.attn else ()) + (("disp_loss",) if self.disp_depth else ())
+                      + (("cls_loss",) if self.reg else ()))
+
+    def uses_encoder(self, step: int) -> bool:
+        """Whether the encoders run at `step`: while aligning, and at every step of a REG run (its class token is
+        an input of the model)."""
+        return self.aligning(step) or self.reg
 
     def aligning(self, step: int) -> bool:
         """Whether the terms that use the encoder (REPA, attention distillation) are on at optimiser step `step`:
@@ -261,11 +273,14 @@ class RepresentationTerms:
             return spatial_zscore(tokens.float(), self.repa.target_norm_alpha)
         return tokens
 
-    def losses(self, step: int, zs: Sequence[torch.Tensor], tapped: dict,
-               targets: Optional[EncoderTargets]) -> tuple[torch.Tensor, dict]:
+    def losses(self, step: int, zs: Sequence[torch.Tensor], tapped: dict, targets: Optional[EncoderTargets],
+               device: Optional[torch.device] = None) -> tuple[torch.Tensor, dict]:
         """(the weighted sum of the terms on at `step`, {name: unweighted 0-d loss} for every name in `names`;
-        a term that is off is 0). `targets` is None when the encoders did not run (aligning(step) is False)."""
-        device = zs[0].device if zs else next(iter(tapped.values()), torch.zeros(())).device
+        a term that is off is 0). `targets` is None when the encoders did not run (uses_encoder(step) is False).
+        REG's REPA target is the class token followed by the patch tokens, as the model's token 0 is the class
+        token; its "cls_loss" is the mean of the objective's per-sample token loss (tapped["cls_loss"])."""
+        if device is None:
+            device = next(t.device for t in (*zs, tapped.get("hidden"), torch.zeros(())) if t is not None)
         zero = torch.zeros((), device=device)
         values = {name: zero for name in self.names}
         total = zero
@@ -273,6 +288,8 @@ class RepresentationTerms:
             if targets is None:
                 raise ValueError(f"step {step}: REPA is on but no encoder targets were given")
             tokens = [self.target_tokens(t) for t in targets.tokens]
+            if self.reg:
+                tokens[0] = torch.cat([targets.cls[:, None].to(tokens[0].dtype), tokens[0]], dim=1)
             values["repa_loss"] = repa_loss(zs, tokens, self.repa.loss, self.repa.ntxent_temperature)
             total = total + self.repa.coeff * values["repa_loss"]
             if self.attn:
@@ -285,4 +302,7 @@ class RepresentationTerms:
         if self.disp_depth:
             values["disp_loss"] = dispersive_loss(tapped["hidden"], self.disp.tau)
             total = total + self.disp.coeff * values["disp_loss"]
+        if self.reg:
+            values["cls_loss"] = tapped["cls_loss"].mean()
+            total = total + self.reg_cfg.coeff * values["cls_loss"]
         return total, values

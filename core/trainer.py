@@ -74,6 +74,13 @@ def compile_blocks(model: torch.nn.Module) -> None:
         block.compile(dynamic=False)
 
 
+def _value(cfg, dotted: str):
+    """The config value at a dotted key ("reg.coeff")."""
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
 def data_needs(cfg, info: DataInfo, grid: int) -> tuple[bool, list[str]]:
     """(batches carry the clean image, names of the stored encoder features they carry instead), for a model of
     grid x grid tokens. REPA reads stored features when the dataset has, for every encoder, features of the same
@@ -82,12 +89,12 @@ def data_needs(cfg, info: DataInfo, grid: int) -> tuple[bool, list[str]]:
     specs = list(cfg.repa.encoders) if cfg.repa.coeff > 0 else []
     if not specs:
         return False, []
-    if cfg.repa.attn_coeff > 0:  # the encoder's attention maps are not stored: it runs on the images
-        if has_images(info.root, info.manifest):
-            return True, []
-        raise ConfigError(f"repa.attn_coeff > 0 (attention distillation) runs the encoder {specs[0]!r} on the "
-                          f"images, and dataset {info.root} has none: prepare it with --store-images, or train "
-                          "with repa.attn_coeff=0")
+    for key, what in (("repa.attn_coeff", "attention distillation"), ("reg.coeff", "REG's class token")):
+        if _value(cfg, key) > 0:  # neither the encoder's attention maps nor its class token is stored
+            if has_images(info.root, info.manifest):
+                return True, []
+            raise ConfigError(f"{key} > 0 ({what}) runs the encoder {specs[0]!r} on the images, and dataset "
+                              f"{info.root} has none: prepare it with --store-images, or train with {key}=0")
     stored = stored_features(info.root, info.manifest)
     unusable = []  # why the stored features of an encoder cannot serve this run
     for spec, name in zip(specs, encoder_names(specs)):
@@ -159,7 +166,7 @@ def plan_run(cfg, task: Task, ctx: DistContext, layout: tuple[int, int] | None =
     enc_dims = [encoder_dim(s) for s in cfg.repa.encoders] if cfg.repa.coeff > 0 else []
     kwargs = task.model_kwargs(enc_dims)
     need_image, feature_names = data_needs(cfg, task.data, kwargs["input_size"] // kwargs["patch_size"])
-    terms = RepresentationTerms(cfg.repa, cfg.disp, kwargs["depth"])
+    terms = RepresentationTerms(cfg.repa, cfg.disp, kwargs["depth"], cfg.reg)
     return RunPlan(cfg, ctx, task, kwargs, micro, accum, need_image, feature_names, terms)
 
 
@@ -250,8 +257,9 @@ def encoder_targets(run: Run, batch: dict) -> EncoderTargets:
     if not run.encoders:
         return EncoderTargets([f.to(device, non_blocking=True) for f in batch["feats"]], [])
     images = batch["image"].to(device, non_blocking=True)
-    tokens, attn = run.encoders[0].targets(images, run.plan.terms.encoder_attn_blocks)
-    return EncoderTargets([tokens] + [enc(images) for enc in run.encoders[1:]], attn)
+    terms = run.plan.terms
+    tokens, attn, cls = run.encoders[0].targets(images, terms.encoder_attn_blocks, with_cls=terms.reg)
+    return EncoderTargets([tokens] + [enc(images) for enc in run.encoders[1:]], attn, cls)
 
 
 def step_taps(plan: RunPlan, step: int):
@@ -269,10 +277,11 @@ def micro_loss(run: Run, batch: dict, g: torch.Generator, step: int) -> tuple[to
     x0 = sample_latents(moments, g, plan.data.scale, plan.data.shift)
     drop = torch.rand(x0.shape[0], generator=g, device=device) < cfg.train.cond_dropout
     cond = plan.task.condition(batch, drop, device)
-    denoise, zs, *tapped = run.objective.loss(run.engine, x0, cond, g, step_taps(plan, step))
+    targets = encoder_targets(run, batch) if terms.uses_encoder(step) else None
+    reg = {"cls": targets.cls} if terms.reg else {}  # REG: the clean class token, noised by the objective
+    denoise, zs, *tapped = run.objective.loss(run.engine, x0, cond, g, step_taps(plan, step), **reg)
     denoise = denoise.mean()
-    targets = encoder_targets(run, batch) if terms.aligning(step) else None
-    extra, values = terms.losses(step, zs, tapped[0] if tapped else {}, targets)
+    extra, values = terms.losses(step, zs, tapped[0] if tapped else {}, targets, device)
     return denoise + extra, {"denoise_loss": denoise.detach(), **{k: v.detach() for k, v in values.items()}}
 
 

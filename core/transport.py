@@ -50,17 +50,28 @@ class Transport:
         alpha, sigma, d_alpha, d_sigma = (c.view(shape) for c in self.alpha_sigma(t))
         return alpha * x0 + sigma * eps, d_alpha * x0 + d_sigma * eps
 
-    def loss(self, model, x0: torch.Tensor, cond: dict, generator: torch.Generator, taps=None):
+    def loss(self, model, x0: torch.Tensor, cond: dict, generator: torch.Generator, taps=None,
+             cls: torch.Tensor | None = None):
         """Per-sample velocity MSE (B,) float32 and the model's projected tokens; with `taps` (core.repa.Taps:
         what a REPA-family term needs of the forward) also what the model tapped, as a third element.
 
         model(x_t, t, **cond) -> (velocity, zs); x0: (B, C, H, W) scaled latents; generator draws t and eps.
+        cls: REG's clean encoder class token (B, D): noised on the same path at the same t with its own noise
+        (drawn after eps), fed to the model as `cls`; the third element then holds "cls_loss", the token's
+        per-sample velocity MSE (B,).
         """
         t = self.sample_t(x0.shape[0], generator, x0.device)
         eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         x_t, target = self.interpolate(x0, eps, t)
-        pred, zs, *tapped = model(x_t, t, **cond) if taps is None else model(x_t, t, taps=taps, **cond)
+        kwargs = dict(cond, **({} if taps is None else {"taps": taps}))
+        if cls is not None:
+            eps_cls = torch.randn(cls.shape, generator=generator, device=cls.device, dtype=cls.dtype)
+            kwargs["cls"], cls_target = self.interpolate(cls, eps_cls, t)
+        pred, zs, *tapped = model(x_t, t, **kwargs)
         mse = (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+        if cls is not None:
+            cls_mse = (tapped[0]["cls"].float() - cls_target.float()).pow(2).mean(dim=1)
+            tapped = [{**tapped[0], "cls_loss": cls_mse}]
         return (mse, zs, *tapped)
 
 

@@ -20,13 +20,16 @@ from eval.generate import add_generation_args, apply_preset, exit_on_user_error,
 
 def default_out(args: argparse.Namespace) -> str:
     """RUN/eval/ode50_cfg1.8_0-0.7_n50000_seed0 (settings in the name, so different runs never mix); a precision
-    other than fp32 is appended (..._seed0_bf16), so fp32 folders keep the names they had before it was recorded."""
+    other than fp32 is appended (..._seed0_bf16), so fp32 folders keep the names they had before it was recorded;
+    so is a REG class token's guidance scale when given (..._clscfg2.3)."""
     root = args.run if os.path.isdir(args.run) else os.path.splitext(args.run)[0] + "_eval"
     sampler = f"{args.sampler}{args.steps}" + ("heun" if args.heun else "")
     low, high = args.guidance_interval
     name = f"{sampler}_cfg{args.cfg:g}_{low:g}-{high:g}_n{args.num_samples}_seed{args.seed}"
     if args.precision != "fp32":
         name += f"_{args.precision}"
+    if args.cls_cfg is not None:
+        name += f"_clscfg{args.cls_cfg:g}"
     return os.path.join(root, "eval", name) if os.path.isdir(args.run) else os.path.join(root, name)
 
 

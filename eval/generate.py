@@ -16,6 +16,10 @@ Seeding: sample i draws its initial noise and its SDE noise from its own generat
 a per-rank stream (the reference's seed * world + rank), so an image depends only on (checkpoint, settings,
 seed, i): the same for any number of processes, any batch size, and after a resume. Resume is rerunning the
 command: indices whose PNG exists are skipped (PNGs are written to a temporary name and renamed).
+
+REG models (a class token beside the latents, docs/VARIANTS.md) integrate the token jointly with the latents,
+with the ODE and the SDE alike: it starts from Gaussian noise (drawn from sample i's generator after the latents'
+noise) and is guided with its own scale --cls-cfg where the image is guided (0: its conditional velocity).
 """
 import argparse
 import dataclasses
@@ -47,7 +51,7 @@ SETTINGS_FILE = "generation.json"
 NPZ_FILE = "samples.npz"
 # Keys of generation.json that decide the images: a rerun with different values is refused, not mixed in.
 SAMPLING_KEYS = ("source", "step", "sampler", "steps", "heun", "cfg", "guidance_interval", "t_last", "seed",
-                 "seeding", "num_samples", "autoencoder", "cond_file", "precision", "conditions")
+                 "seeding", "num_samples", "autoencoder", "cond_file", "precision", "conditions", "cls_cfg")
 
 
 # Samplers of each objective kind (core.transport.build_objective); the first is the default.
@@ -84,19 +88,46 @@ def shard(num_samples: int, rank: int, world: int) -> range:
     return range(start, start + per + (rank < extra))
 
 
+class JointTokenModel(torch.nn.Module):
+    """A REG model (class_cond.models.SiT with reg_dim > 0) as a plain model(x, t, **cond) -> velocity over a flat
+    joint state: x (B, C*H*W + D) holds the latents (C, H, W) flattened, then the class token (D,); the result
+    is their velocities in the same layout, so the samplers and GuidedVelocity (tail = D) run on it unchanged."""
+
+    def __init__(self, model: torch.nn.Module, latent_shape: Sequence[int], token_dim: int):
+        super().__init__()
+        self.model, self.latent_shape, self.token_dim = model, tuple(latent_shape), int(token_dim)
+        self.latent_size = int(np.prod(self.latent_shape))
+
+    def pack(self, latents: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+        return torch.cat([latents.flatten(1), token], dim=1)
+
+    def unpack(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if x.shape[1:] != (self.latent_size + self.token_dim,):
+            raise ValueError(f"joint state of shape {tuple(x.shape)}; expected (B, {self.latent_size + self.token_dim})")
+        return x[:, : self.latent_size].reshape(-1, *self.latent_shape), x[:, self.latent_size:]
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+        latents, token = self.unpack(x)
+        out, _, extras = self.model(latents, t, cls=token, **cond)
+        c = self.latent_shape[0]  # a learned-sigma head's extra channels are not part of the state
+        return self.pack(out[:, :c], extras["cls"])
+
+
 class Generator:
     """Samples images of a model: `images(indices) -> uint8 (B, 3, H, W)`; `settings` records what is used.
 
     model, meta: from eval.loading.load_eval_model (or `Generator.load(source, ...)`). The conditions of sample
     indices come from `conditioner` (core.task.Conditioner), else from the task of the model's record
     (Task.conditioner with {"cond_file": cond_file}). `autoencoder`: the decoder, if already built.
+    cls_cfg: REG models only, the class token's guidance scale (REG's default 1.5; 0 = its conditional velocity);
+    None picks that default for a REG model and is required for any other.
     """
 
     def __init__(self, model: torch.nn.Module, meta: dict, sampler: Optional[str] = None, steps: int = 250,
                  heun: bool = False, cfg: float = 1.0, guidance_interval: Sequence[float] = (0.0, 1.0),
                  t_last: float = 0.04, seed: int = 0, vae: Optional[str] = None, cond_file: Optional[str] = None,
                  conditioner: Optional[Conditioner] = None, precision: str = "fp32", compile: bool = False,
-                 autoencoder=None):
+                 autoencoder=None, cls_cfg: Optional[float] = None):
         known = [name for names in SAMPLERS.values() for name in names]
         if sampler is not None and sampler not in known:
             raise ValueError(f"sampler must be one of {', '.join(known)}, got {sampler!r}")
@@ -114,6 +145,16 @@ class Generator:
         # ddpm/ddim run on the recorded diffusion respaced to `steps` (DiT: 250 of 1000)
         self.diffusion = build_objective(objective_cfg).respace(steps) if objective_cfg.kind == "ddpm" else None
         self.forward = torch.compile(self.model) if compile else self.model
+        # REG: the class token is integrated with the latents (JointTokenModel's flat state)
+        self.token_dim = int((self.meta.get("model") or {}).get("kwargs", {}).get("reg_dim", 0))
+        if self.token_dim:
+            cls_cfg = REG_CLS_CFG if cls_cfg is None else float(cls_cfg)
+            if not cls_cfg >= 0:
+                raise ValueError(f"--cls-cfg must be >= 0, got {cls_cfg}")
+            if self.diffusion is not None:
+                raise ValueError("a REG model needs the transport objective's samplers (ode, sde)")
+        elif cls_cfg is not None:
+            raise ValueError("--cls-cfg is the guidance scale of a REG model's class token; this model has none")
         task_name = (self.meta.get("model") or {}).get("task")
         if conditioner is None:
             conditioner = get_task(task_name).conditioner(self.meta, {"cond_file": cond_file})
@@ -131,7 +172,7 @@ class Generator:
             "t_last": t_last, "seed": seed, "seeding": "per-sample (seed, index)",
             "autoencoder": vae or latent["autoencoder"], "cond_file": cond_file, "precision": precision,
             "conditions": getattr(self.conditioner, "protocol", None),  # how sample i's condition is chosen
-            "nfe": 2 * steps - 1 if heun else steps,
+            "nfe": 2 * steps - 1 if heun else steps, "cls_cfg": cls_cfg,
         }
 
     @classmethod
@@ -148,6 +189,9 @@ class Generator:
         tick = None if progress is None else (lambda: progress(len(indices) / s["nfe"]))
         gens = [sample_generator(s["seed"], i, self.device) for i in indices]
         x1 = randn((len(indices), *self.latent_shape), gens, self.device, torch.float32)
+        if self.token_dim:  # REG: the token's initial noise, after the latents' from the same generators
+            joint = JointTokenModel(self.forward, self.latent_shape, self.token_dim)
+            x1 = joint.pack(x1, randn((len(indices), self.token_dim), gens, self.device, torch.float32))
         cond = self.conditioner.cond(indices, self.device)
         null = self.conditioner.null(cond)
         autocast = torch.autocast(self.device.type, torch.bfloat16, enabled=self.precision == "bf16")
@@ -158,12 +202,16 @@ class Generator:
                 if s["sampler"] == "ddpm":
                     return ddpm_sample(denoiser, x1, self.diffusion, gens)
                 return ddim_sample(denoiser, x1, self.diffusion)
-        velocity = GuidedVelocity(self.forward, cond, null, s["cfg"], s["guidance_interval"], on_call=tick)
+        model, tail = (joint, self.token_dim) if self.token_dim else (self.forward, 0)
+        velocity = GuidedVelocity(model, cond, null, s["cfg"], s["guidance_interval"], on_call=tick, tail=tail,
+                                  tail_scale=s["cls_cfg"] if tail else 1.0)
         with autocast:
             if s["sampler"] == "ode":
-                return ode_sample(velocity, x1, s["steps"], heun=s["heun"])
-            return sde_sample(velocity, x1, s["steps"], gens, t_last=s["t_last"],
-                              coefficients=self.path.alpha_sigma)
+                x0 = ode_sample(velocity, x1, s["steps"], heun=s["heun"])
+            else:
+                x0 = sde_sample(velocity, x1, s["steps"], gens, t_last=s["t_last"],
+                                coefficients=self.path.alpha_sigma)
+        return joint.unpack(x0)[0] if self.token_dim else x0
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Scaled latents -> uint8 (B, 3, H, W): undo this run's scale/shift, then the autoencoder's own scale."""
@@ -258,7 +306,8 @@ def generate(args: argparse.Namespace) -> dict:
     state = PartialState(cpu=not torch.cuda.is_available())  # else a CPU-only launch runs N copies of rank 0
     gen = Generator.load(args.run, state.device, sampler=args.sampler, steps=args.steps, heun=args.heun,
                          cfg=args.cfg, guidance_interval=args.guidance_interval, t_last=args.t_last, seed=args.seed,
-                         vae=args.vae, cond_file=args.cond_file, precision=args.precision, compile=args.compile)
+                         vae=args.vae, cond_file=args.cond_file, precision=args.precision, compile=args.compile,
+                         cls_cfg=args.cls_cfg)
     available = gen.conditioner.num_available
     if available is not None and args.num_samples > available:
         raise ValueError(f"--num-samples {args.num_samples} exceeds the {available} conditions available")
@@ -295,6 +344,7 @@ def generate(args: argparse.Namespace) -> dict:
 
 
 SAMPLER_NAMES = ("ode", "sde", "ddpm", "ddim")
+REG_CLS_CFG = 1.5  # REG's generate.py default --cls-cfg-scale
 
 
 @dataclass
@@ -311,6 +361,7 @@ class SamplingPreset:
     num_samples: int = 50000
     seed: int = 0
     precision: str = "fp32"
+    cls_cfg: Optional[float] = None  # REG models: the class token's guidance scale (None: REG's 1.5)
 
     def validate(self, check_data: bool = True) -> None:
         if self.sampler is not None and self.sampler not in SAMPLER_NAMES:
@@ -319,6 +370,8 @@ class SamplingPreset:
             raise ConfigError(f"precision: {self.precision!r} is not one of: fp32, bf16")
         if len(self.guidance_interval) != 2:
             raise ConfigError(f"guidance_interval: expected [low, high], got {self.guidance_interval}")
+        if self.cls_cfg is not None and not self.cls_cfg >= 0:
+            raise ConfigError(f"cls_cfg: must be >= 0, got {self.cls_cfg}")
 
 
 def apply_preset(p: argparse.ArgumentParser, argv: Optional[list[str]]) -> None:
@@ -348,6 +401,9 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
                    metavar=("LOW", "HIGH"),
                    help="apply guidance only where LOW <= t <= HIGH (t=1 noise; DiT: t = step / 1000)")
     p.add_argument("--t-last", type=float, default=d.t_last, help="SDE: last time before the noiseless jump to 0")
+    p.add_argument("--cls-cfg", type=float, default=d.cls_cfg,
+                   help=f"REG models: guidance scale of the class token where the image is guided (default "
+                        f"{REG_CLS_CFG}; 0 = its conditional velocity)")
     p.add_argument("--num-samples", type=int, default=d.num_samples)
     p.add_argument("--batch-size", type=int, default=64, help="samples per process and batch")
     p.add_argument("--seed", type=int, default=d.seed)
@@ -374,6 +430,8 @@ def validate_generation_args(p: argparse.ArgumentParser, args: argparse.Namespac
         p.error(f"--guidance-interval must satisfy 0 <= LOW <= HIGH <= 1, got {low} {high}")
     try:
         check_sampling_values(args.cfg, args.t_last)
+        if args.cls_cfg is not None and not args.cls_cfg >= 0:
+            raise ValueError(f"--cls-cfg must be >= 0, got {args.cls_cfg}")
         # resolve the default sampler from the run's objective now: output names depend on it
         args.sampler = pick_sampler(objective_config(resolve_weights(args.run)[1]).kind, args.sampler)
     except (ValueError, FileNotFoundError) as err:

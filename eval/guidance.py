@@ -11,6 +11,11 @@ DiT's forward_with_cfg, which guides the first 3 of 4 eps channels for reproduci
 
 Conditions are dicts of keyword tensors for `model(x, t, **cond)`: {"y": (B,) labels} with null = num_classes
 for the class-conditional SiT, {"context": (B, 77, D)} with null = the empty caption's embedding for text.
+
+REG's class token rides in the sampler's state after the latents (eval.generate.JointTokenModel packs both into
+one flat vector per sample): `tail` > 0 guides the last `tail` entries with their own scale `tail_scale`, where
+the image is guided (REG's sampler: the token's guidance is on only inside the image's interval; a tail_scale of
+0 takes the token's conditional velocity there, as REG's cls_cfg_scale 0).
 """
 from typing import Callable, Mapping, Optional
 
@@ -25,7 +30,9 @@ class GuidedVelocity:
     in t. Outputs with more channels than x (learned sigma, 2C) are cut to the first C before guiding, unless
     keep_sigma: then (B, 2C) with the extra C channels of the conditional forward. model_time(t) -> the model's
     timestep input (default: t itself). `forwards` counts model calls and `rows` the samples pushed through them
-    (for NFE/throughput checks); `on_call()`, if given, runs after every call (a progress bar).
+    (for NFE/throughput checks); `on_call()`, if given, runs after every call (a progress bar). tail,
+    tail_scale: the last `tail` entries of each (flat) sample are guided with tail_scale (0: conditional), see the
+    module docstring.
 
     Called as velocity(x, t, guide_t=...) (takes_guide_t), the interval is tested at guide_t instead of t: Heun's
     corrector passes its step's start, so the whole step is guided or not, as the reference (eval.samplers).
@@ -36,14 +43,17 @@ class GuidedVelocity:
     def __init__(self, model: nn.Module, cond: Mapping[str, torch.Tensor], null_cond: Mapping[str, torch.Tensor],
                  scale: float = 1.0, interval: tuple[float, float] = (0.0, 1.0),
                  model_time: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, keep_sigma: bool = False,
-                 on_call: Optional[Callable[[], None]] = None):
+                 on_call: Optional[Callable[[], None]] = None, tail: int = 0, tail_scale: float = 1.0):
         if set(cond) != set(null_cond):
             raise ValueError(f"cond keys {sorted(cond)} and null-cond keys {sorted(null_cond)} differ")
         low, high = interval
         if not 0.0 <= low <= high <= 1.0:
             raise ValueError(f"guidance interval must satisfy 0 <= low <= high <= 1, got ({low}, {high})")
-        if scale < 0:
-            raise ValueError(f"guidance scale must be >= 0, got {scale}")
+        if scale < 0 or tail_scale < 0:
+            raise ValueError(f"guidance scales must be >= 0, got {scale} (image) and {tail_scale} (token)")
+        if tail < 0 or (tail and keep_sigma):
+            raise ValueError(f"tail must be >= 0 and cannot be combined with keep_sigma, got {tail}")
+        self.tail, self.tail_scale = int(tail), float(tail_scale)
         self.model, self.scale, self.interval = model, float(scale), (float(low), float(high))
         self.cond = dict(cond)
         self.null = {k: _broadcast(k, null_cond[k], cond[k]) for k in cond}
@@ -77,6 +87,10 @@ class GuidedVelocity:
         v_cond, v_uncond = self._forward(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
         c = x.shape[1]  # guide the prediction; learned-variance channels (keep_sigma) stay conditional
         guided = torch.cat([v_uncond[:, :c] + self.scale * (v_cond[:, :c] - v_uncond[:, :c]), v_cond[:, c:]], 1)
+        if self.tail:  # the token after the latents: its own scale, or its conditional velocity at scale 0
+            tail_w = self.tail_scale or 1.0
+            tail = v_uncond[:, -self.tail:] + tail_w * (v_cond[:, -self.tail:] - v_uncond[:, -self.tail:])
+            guided = torch.cat([guided[:, :-self.tail], tail], 1)
         return torch.where(inside.view(-1, *([1] * (x.dim() - 1))), guided, v_cond)
 
 

@@ -124,6 +124,10 @@ def probe_objective(meta: dict):
         raise ValueError(f"representation metrics need a class-conditional model, called as model(x, t, y) with the "
                          f"dataset's labels; {meta.get('source')!r} is a {task!r} model, which takes other "
                          "conditions (e.g. t2i: caption embeddings)")
+    if meta["model"].get("kwargs", {}).get("reg_dim"):
+        raise ValueError(f"{meta.get('source')!r} is a REG model: its hidden states depend on the noised encoder "
+                         "class token it takes as token 0, which these metrics do not feed; they measure models "
+                         "called as model(x, t, y)")
     return build_objective(objective_config(meta))
 
 

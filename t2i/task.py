@@ -60,6 +60,9 @@ class T2IConfig(TaskConfig):
                               "(CLIP's 77-token context)")
         # The MMDiT has no learned-variance head, which the DDPM objective (class-conditional DiT) needs.
         check_choice("objective.kind (text-to-image)", self.objective.kind, ("transport",))
+        if self.reg.coeff > 0:
+            raise ConfigError("reg.coeff > 0: REG's class token is a feature of the class-conditional SiT; the "
+                              "text-to-image MMDiT has none (set reg.coeff=0)")
 
 
 def caption_index(seed: int, position: int, num_captions: int) -> int:

@@ -75,6 +75,36 @@ def run_train(args: list[str], launcher: str = "python", ranks: int = 1, script:
     return proc
 
 
+def meta_state_dict(path: str) -> dict:
+    """{key: empty meta tensor of the listed shape} of a key list in tests/data (`key<TAB>shape` lines, # comments)."""
+    import re
+
+    import torch
+
+    state = {}
+    for line in open(path):
+        if line.startswith("#") or not line.strip():
+            continue
+        key, shape = line.rstrip("\n").split("\t")
+        state[key] = torch.empty(tuple(int(s) for s in re.findall(r"\d+", shape)), device="meta")
+    return state
+
+
+def assert_resumed_run_is_identical(straight, split, step: int, keys: tuple) -> None:
+    """The EMA weights at `step` and the logged `keys` of every step are bit-identical in the two run dirs."""
+    import torch
+    from safetensors.torch import load_file
+
+    from core.logging import read_metrics
+
+    a = load_file(os.path.join(straight, "checkpoints", f"step_{step:08d}", "ema.safetensors"))
+    b = load_file(os.path.join(split, "checkpoints", f"step_{step:08d}", "ema.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    la = {r["step"]: r for r in read_metrics(straight)}
+    lb = {r["step"]: r for r in read_metrics(split)}
+    assert la.keys() == lb.keys() and all(la[s][k] == lb[s][k] for s in la for k in keys)
+
+
 @pytest.fixture
 def tiny_args(tmp_path):
     """Arguments for a short tiny run in a temporary run directory (shared generated data)."""

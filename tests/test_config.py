@@ -26,14 +26,14 @@ def test_yaml_and_overrides_typed():
 
 @pytest.mark.parametrize("override,message", [
     ("train.lrr=1", "unknown config key 'train.lrr' (did you mean 'lr'?); valid keys in train: beta1, beta2, ckpt_"),
-    ("trian.lr=1", "unknown config key 'trian.lr' (did you mean 'train'?); valid keys in the top level: data, disp, model, monitor, objective, repa, run, task, train"),
+    ("trian.lr=1", "unknown config key 'trian.lr' (did you mean 'train'?); valid keys in the top level: data, disp, model, monitor, objective, reg, repa, run, task, train"),
     ("train.max_steps=ten", "train.max_steps: expected an integer, got 'ten'"),
     ("train.lr=fast", "train.lr: expected a number, got 'fast'"),
     ("train.skip_nonfinite=maybe", "train.skip_nonfinite: expected true or false, got 'maybe'"),
     ("train.global_batch=-4", "train.global_batch must be > 0, got -4"),
     ("train=3", "'train' is a section"),
     ("model.preset=XXL/2", "model.preset: 'XXL/2' is not one of: S/2"),
-    ("repa.encoders=[dinov3-b]", "repa.encoders[0]: unknown encoder 'dinov3-b'"),
+    ("repa.encoders=[dinov3-g]", "repa.encoders[0]: unknown encoder 'dinov3-g'"),
     ("repa.depth=9", "repa.depth=9 is outside the tiny model's blocks 1..4"),
     ("objective.path=quadratic", "objective.path: 'quadratic' is not one of: linear, cosine"),
     ("train.ds_config=ds_configs/nope.json", "train.ds_config: file 'ds_configs/nope.json' does not exist"),

@@ -14,6 +14,7 @@ from core.encoders import (
 )
 
 TINY = ("dinov2-tiny", "clip-tiny", "siglip-tiny")
+ALL_TINY = TINY + ("mae-tiny", "ijepa-tiny", "mocov3-tiny", "dinov3-tiny")  # every random-init encoder
 
 
 def _images(b, res, seed=0):
@@ -129,7 +130,7 @@ def test_position_embeddings_resampled_like_reference():
     torch.testing.assert_close(siglip_pos, resample_abs_pos_embed(siglip_base, [32, 32], num_prefix_tokens=0))
 
 
-@pytest.mark.parametrize("name", TINY)
+@pytest.mark.parametrize("name", ALL_TINY)
 def test_tiny_weights_deterministic_and_global_rng_untouched(name):
     torch.manual_seed(123)
     state = torch.get_rng_state()
@@ -158,11 +159,11 @@ def test_parse_spec_and_unknown_name_lists_valid_names():
     assert parse_encoder_spec("dinov2-b") == ("dinov2-b", None)
     assert parse_encoder_spec(" clip-l@/ckpt/clip.bin ") == ("clip-l", "/ckpt/clip.bin")
     assert parse_encoder_spec("dinov2-b@facebook/dinov2-base") == ("dinov2-b", "facebook/dinov2-base")
-    with pytest.raises(ValueError, match="unknown encoder 'dinov3-b'") as err:
-        load_encoder("dinov3-b", 256)
+    with pytest.raises(ValueError, match="unknown encoder 'dinov3-g'") as err:
+        load_encoder("dinov3-g", 256)
     assert all(name in str(err.value) for name in ENCODER_NAMES)
     with pytest.raises(ValueError, match="unknown encoder"):
-        encoder_dim("mae-l")
+        encoder_dim("mae-g")
 
 
 def test_input_size_not_divisible_by_patch_raises():

@@ -2,13 +2,13 @@
 import argparse
 import json
 import os
-import re
 
 import pytest
 import torch
 from torch import nn
 
 from class_cond.models import build_sit
+from conftest import meta_state_dict
 from class_cond.import_repa import check_keys, infer_sit_kwargs, load_repa_checkpoint, main
 from eval.loading import load_eval_model, objective_config, resolve_weights
 
@@ -77,12 +77,7 @@ def test_strict_key_check_names_the_first_mismatch(tmp_path):
 
 def test_reference_sit_xl2_key_list_maps_onto_our_model():
     """The official SiT-XL/2+REPA state-dict keys (tests/data/repa_sit_xl2_keys.txt) infer XL/2 and matches our state dict, on the meta device."""
-    state = {}
-    for line in open(KEYS_FILE):
-        if line.startswith("#") or not line.strip():
-            continue
-        key, shape = line.rstrip("\n").split("\t")
-        state[key] = torch.empty(tuple(int(s) for s in re.findall(r"\d+", shape)), device="meta")
+    state = meta_state_dict(KEYS_FILE)
     kwargs = infer_sit_kwargs(state, {"model": "SiT-XL/2", "encoder_depth": 8})
     assert {k: kwargs[k] for k in ("hidden_size", "depth", "num_heads", "patch_size", "input_size", "num_classes",
                                    "encoder_dims", "projector_dim", "learn_sigma", "repa_depth")} == {

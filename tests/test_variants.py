@@ -10,9 +10,8 @@ import torch.nn.functional as F
 
 from class_cond.models import SiT, build_model
 from class_cond.task import ClassCondConfig, ClassCondTask
-from conftest import REPO, run_train
+from conftest import REPO, assert_resumed_run_is_identical, run_train
 from core.logging import read_metrics
-from safetensors.torch import load_file
 from core.config import ConfigError, load_config
 from core.dist import DistContext
 from core.encoders import TargetEncoder, encoder_attention, load_encoder
@@ -25,7 +24,7 @@ from core.transport import Transport
 from t2i.mmdit import MMDiT
 
 CONFIGS = os.path.join(REPO, "configs")
-TINY = {v: os.path.join(CONFIGS, "debug", f"class_cond_tiny_{v}.yaml") for v in ("irepa", "haste", "disp")}
+TINY = {v: os.path.join(CONFIGS, "debug", f"class_cond_tiny_{v}.yaml") for v in ("irepa", "haste", "disp", "reg")}
 PRESETS = ["class_cond/sit_xl2_irepa_in256.yaml", "class_cond/sit_xl2_haste_in256.yaml",
            "class_cond/sit_xl2_disp_in256.yaml", "t2i/coco256_mmdit_haste.yaml"]
 
@@ -149,8 +148,9 @@ def test_dinov2_attention_logits_match_the_eager_attention():
     own attention probabilities (eager attention, output_attentions); and the tokens are forward's."""
     enc = load_encoder("dinov2-tiny", 32, grid=4)
     images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
-    tokens, logits = enc.targets(images, attn_blocks=(1, 2))
+    tokens, logits, cls = enc.targets(images, attn_blocks=(1, 2), with_cls=True)
     torch.testing.assert_close(tokens, enc(images), rtol=0, atol=0)
+    torch.testing.assert_close(cls, enc.embed(images), rtol=0, atol=0)  # DINOv2's x_norm_clstoken
     assert [a.shape for a in logits] == [(2, 2, 16, 16)] * 2
     x = enc.preprocess(images)
     enc.model.set_attn_implementation("eager")
@@ -286,9 +286,9 @@ class CountingEncoder(TargetEncoder):
         self.calls += 1
         return self.inner(images)
 
-    def targets(self, images, attn_blocks=()):
+    def targets(self, images, attn_blocks=(), with_cls=False):
         self.calls += 1
-        return self.inner.targets(images, attn_blocks)
+        return self.inner.targets(images, attn_blocks, with_cls)
 
 
 def _run(config, *overrides):
@@ -341,7 +341,7 @@ def test_attention_distillation_pairs_the_configured_blocks():
     drop = torch.rand(4, generator=g) < cfg.train.cond_dropout
     cond = run.plan.task.condition(batch, drop, torch.device("cpu"))
     _, _, tapped = Transport().loss(run.engine, x0, cond, g, Taps(attn_blocks=(2, 4), attn_heads=2))
-    _, attn = run.encoders[0].inner.targets(batch["image"], (2, 1))
+    _, attn, _ = run.encoders[0].inner.targets(batch["image"], (2, 1))
     torch.testing.assert_close(parts["attn_loss"], attention_distillation_loss(tapped["attn"], attn))
 
 
@@ -372,7 +372,7 @@ def _tiny(variant, run_dir, *overrides):
             "train.tensorboard=false", *overrides]
 
 
-@pytest.mark.parametrize("variant", ["irepa", "haste", "disp"])
+@pytest.mark.parametrize("variant", ["irepa", "haste", "disp", "reg"])
 def test_tiny_preset_learns_on_two_ranks(tmp_path, variant):
     run = tmp_path / "run"
     stop = ["repa.stop_step=20"] if variant == "haste" else []
@@ -384,7 +384,7 @@ def test_tiny_preset_learns_on_two_ranks(tmp_path, variant):
     assert last["denoise_loss"] < first["denoise_loss"] - 0.1, records
     if variant == "irepa":
         assert last["repa_loss"] < first["repa_loss"] - 0.05, records
-    # the export samples with the eval commands' generator, iREPA's conv projector and all
+    # the export samples with the eval commands' generator, iREPA's conv projector and REG's token and all
     from eval.generate import Generator
 
     for sampler in ("ode", "sde"):
@@ -396,6 +396,8 @@ def test_tiny_preset_learns_on_two_ranks(tmp_path, variant):
         assert all(r["loss"] == r["denoise_loss"] for r in records[2:]), records
     if variant == "disp":
         assert "repa_loss" in first and last["disp_loss"] < first["disp_loss"] + 1e-3, records
+    if variant == "reg":  # the class token's velocity is learnt, its position aligned
+        assert last["cls_loss"] < first["cls_loss"] - 0.1 and last["repa_loss"] < first["repa_loss"], records
 
 
 def test_resume_across_the_stop_is_bit_identical(tmp_path):
@@ -408,12 +410,8 @@ def test_resume_across_the_stop_is_bit_identical(tmp_path):
     run_train(_tiny("haste", split, "train.max_steps=6", *common))
     out = run_train(_tiny("haste", split, "train.max_steps=12", *common))
     assert "resuming from" in out.stdout + out.stderr
-    a = load_file(straight / "checkpoints" / "step_00000012" / "ema.safetensors")
-    b = load_file(split / "checkpoints" / "step_00000012" / "ema.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_resumed_run_is_identical(straight, split, 12, ("loss", "attn_loss", "disp_loss"))
     la = {r["step"]: r for r in read_metrics(straight)}
-    lb = {r["step"]: r for r in read_metrics(split)}
-    assert la.keys() == lb.keys() and all(la[s][k] == lb[s][k] for s in la for k in ("loss", "attn_loss", "disp_loss"))
     assert la[8]["attn_loss"] > 0 and la[10]["attn_loss"] == 0  # the stop fell inside the resumed half
 
 
