@@ -6,10 +6,12 @@ training loop only says "step done". What a checkpoint holds:
 
     run.dir/checkpoints/step_00001000/   DeepSpeed's model/optimizer files (one per ZeRO rank)
                                          ema.safetensors  (full model, EMA weights, float32)
+                                         phema.safetensors (post-hoc EMA on: its power-function profiles)
                                          state.json       (step, config hash, counters, world size)
                                          rng_rank{r}.json (Python, NumPy and torch RNG streams of rank r)
                                          config.yaml      (the resolved config of the run)
     run.dir/checkpoints/latest           the newest tag (DeepSpeed's convention)
+    run.dir/phema/phema-STEP-STD.safetensors   post-hoc EMA snapshots (train.phema_stds), kept for good
 
 A checkpoint is staged in checkpoints/.staging/<tag> and renamed into place only when every rank has written its
 part, so a crash during a save leaves the previous checkpoint as the newest complete one; a failed save raises
@@ -37,17 +39,20 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import yaml
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from core.config import ConfigError, config_changes, config_hash, save_config
 from core.dist import DistContext, any_rank, barrier, sum_over_ranks
+from core.ema import PowerEMA, snapshot_every
 from core.fileio import atomic_path, write_json_atomic, write_text_atomic
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a checkpoint was written on a signal; rerun (or requeue) to continue
 
 TAG_RE = re.compile(r"^step_(\d{8,})$")
+SNAPSHOT_RE = re.compile(r"^phema-(\d{8,})-(\d+\.\d{3})\.safetensors$")
+PHEMA_FILE = "phema.safetensors"  # a checkpoint's power-function EMA state
 
 
 def tag_for(step: int) -> str:
@@ -118,8 +123,10 @@ class CheckpointSaveError(RuntimeError):
     """A checkpoint that could not be written; the previous complete checkpoints are untouched."""
 
 
-def save_checkpoint(run_dir: str, engine, ema, state: dict, cfg, rank: int, keep_last: int) -> str:
+def save_checkpoint(run_dir: str, engine, ema, state: dict, cfg, rank: int, keep_last: int,
+                    phema: PowerEMA | None = None) -> str:
     """Write checkpoint `state["step"]` atomically; every rank must call this. Returns the checkpoint path.
+    `phema`: the post-hoc EMA's profiles, saved beside the EMA when it is on.
 
     A failure while writing (a full disk, a failing writer) raises CheckpointSaveError naming the newest complete
     checkpoint, which is untouched; rank 0 removes the partial one."""
@@ -139,6 +146,10 @@ def save_checkpoint(run_dir: str, engine, ema, state: dict, cfg, rank: int, keep
         if rank == 0:
             with atomic_path(os.path.join(part, "ema.safetensors")) as tmp:
                 save_file(ema_state, tmp, metadata={"step": str(state["step"])})
+            if phema is not None:
+                with atomic_path(os.path.join(part, PHEMA_FILE)) as tmp:
+                    save_file(phema.state_dict(), tmp, metadata={"step": str(state["step"]),
+                                                                 "sigma_rels": json.dumps(phema.sigma_rels)})
             save_config(cfg, os.path.join(part, "config.yaml"))
             write_json_atomic(os.path.join(part, "state.json"), state)  # written last: marks the part complete
     except Exception as err:
@@ -226,19 +237,72 @@ def check_same_model(ckpt_dir: str, saved: dict | None, model: dict) -> None:
                           "a new run.dir")
 
 
-def load_checkpoint(ckpt_dir: str, engine, ema, rank: int, world_size: int) -> dict:
-    """Restore model, optimizer, EMA and (same world size) this rank's RNG streams; returns state.json."""
+def load_checkpoint(ckpt_dir: str, engine, ema, rank: int, world_size: int, phema: PowerEMA | None = None) -> dict:
+    """Restore model, optimizer, EMA, the post-hoc EMA's profiles (`phema`, when on) and (same world size) this
+    rank's RNG streams; returns state.json."""
     state = read_state(ckpt_dir)
     root, tag = os.path.split(ckpt_dir)
     load_path, _ = engine.load_checkpoint(root, tag=tag)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir}")
     ema.load_state_dict(load_weights(os.path.join(ckpt_dir, "ema.safetensors")))
+    if phema is not None:
+        check_resume_phema(ckpt_dir, phema.sigma_rels)
+        phema.load_state_dict(load_weights(os.path.join(ckpt_dir, PHEMA_FILE)))
     rng_file = os.path.join(ckpt_dir, f"rng_rank{rank}.json")
     if state.get("world_size") == world_size and os.path.isfile(rng_file):
         with open(rng_file) as f:
             set_rng_state(json.load(f))
     return state
+
+
+# ------------------------------------------------------------------------------------------- post-hoc EMA snapshots
+
+
+def phema_dir(run_dir: str) -> str:
+    return os.path.join(run_dir, "phema")
+
+
+def snapshot_path(run_dir: str, step: int, sigma_rel: float) -> str:
+    return os.path.join(phema_dir(run_dir), f"phema-{step:08d}-{sigma_rel:.3f}.safetensors")
+
+
+def list_snapshots(run_dir: str) -> list[tuple[int, float, str]]:
+    """[(step, sigma_rel, path)] of a run's post-hoc EMA snapshots, by step then sigma_rel; step and sigma_rel
+    are read from each file's record (the name rounds sigma_rel to 3 decimals)."""
+    root = phema_dir(run_dir)
+    if not os.path.isdir(root):
+        return []
+    found = []
+    for name in os.listdir(root):
+        if SNAPSHOT_RE.match(name):
+            path = os.path.join(root, name)
+            try:
+                with safe_open(path, "pt") as f:
+                    meta = f.metadata()
+            except SafetensorError as err:
+                raise ValueError(f"{path!r} is not a readable safetensors file (truncated or corrupt?): {err}") from None
+            found.append((int(meta["step"]), float(meta["sigma_rel"]), path))
+    return sorted(found)
+
+
+def save_snapshots(run_dir: str, module, phema: PowerEMA, step: int, ctx: DistContext) -> None:
+    """Write each profile of `phema` at `step` to run.dir/phema (full model state, float32) on rank 0, atomically;
+    every rank calls it (under ZeRO-3 frozen parameters are gathered). A failed write raises on every rank."""
+    error, extras = None, phema.extras(module)
+    if ctx.is_main:
+        try:
+            os.makedirs(phema_dir(run_dir), exist_ok=True)
+            for i, (sigma_rel, gamma) in enumerate(zip(phema.sigma_rels, phema.gammas)):
+                with atomic_path(snapshot_path(run_dir, step, sigma_rel)) as tmp:
+                    save_file(phema.snapshot(extras, i), tmp,
+                              metadata={"step": str(step), "sigma_rel": repr(sigma_rel), "gamma": repr(gamma)})
+        except Exception as err:
+            error = err
+    if any_rank(error is not None, ctx.device):
+        why = f"{type(error).__name__}: {error}" if error is not None else "rank 0 could not write it"
+        raise CheckpointSaveError(f"post-hoc EMA snapshot of step {step} in {phema_dir(run_dir)} could not be "
+                                  f"written ({why}); the checkpoints are intact") from error
 
 
 def check_resume_config(cfg, checkpoint: str) -> None:
@@ -256,6 +320,30 @@ def check_resume_config(cfg, checkpoint: str) -> None:
             f"{cfg.run.dir} holds a checkpoint of a run with a different config ({'; '.join(changes[:6])}"
             f"{'; ...' if len(changes) > 6 else ''}; see {checkpoint}/config.yaml). Use another run.dir, or set "
             "run.allow_config_change=true to resume anyway"
+        )
+
+
+def saved_sigma_rels(ckpt_dir: str) -> list[float] | None:
+    """The sigma_rels of a checkpoint's post-hoc EMA profiles, None when it was off."""
+    path = os.path.join(ckpt_dir, PHEMA_FILE)
+    if not os.path.isfile(path):
+        return None
+    with safe_open(path, "pt") as f:
+        return json.loads(f.metadata()["sigma_rels"])
+
+
+def check_resume_phema(checkpoint: str, sigma_rels: list[float]) -> None:
+    """ConfigError unless `checkpoint` holds the post-hoc EMA profiles `sigma_rels` (train.phema_stds): a power
+    EMA averages from step 0, so one cannot start, or change its widths, in the middle of a run."""
+    if not sigma_rels:
+        return
+    saved = saved_sigma_rels(checkpoint)
+    if saved != list(sigma_rels):
+        had = "post-hoc EMA off" if saved is None else f"train.phema_stds={saved}"
+        raise ConfigError(
+            f"{checkpoint} was written with {had}, and this run has train.phema_stds={list(sigma_rels)}: a "
+            "power-function EMA averages from step 0, so it cannot start or change width mid-run. Resume with the "
+            "checkpoint's train.phema_stds, or start a new run.dir"
         )
 
 
@@ -277,6 +365,7 @@ def find_resume(cfg, world_size: int) -> str | None:
     if checkpoint is not None:
         check_resume_config(cfg, checkpoint)
         check_resume_world_size(checkpoint, world_size)
+        check_resume_phema(checkpoint, cfg.train.phema_stds)
     return checkpoint
 
 
@@ -373,11 +462,13 @@ class RunDirLock:
 class Checkpointer:
     """A run's checkpoints: restore on start, save after a step when due, export the EMA at the end.
 
-    Every rank calls every method (saves are collective). `every`: train.ckpt_every; `keep_last`: run.keep_last."""
+    Every rank calls every method (saves are collective). `every`: train.ckpt_every; `keep_last`: run.keep_last;
+    `phema_every`: the steps between post-hoc EMA snapshots (train.phema_every, core.ema.snapshot_every)."""
 
     def __init__(self, cfg, ctx: DistContext, signals: PreemptionSignals):
         self.cfg, self.ctx, self.signals = cfg, ctx, signals
         self.run_dir, self.every, self.keep_last = cfg.run.dir, cfg.train.ckpt_every, cfg.run.keep_last
+        self.phema_every = snapshot_every(cfg.train.phema_every, cfg.train.global_batch)
         self.lock: RunDirLock | None = None
 
     def claim(self) -> str | None:
@@ -398,28 +489,36 @@ class Checkpointer:
             self.lock.release()
             self.lock = None
 
-    def restore(self, checkpoint: str, engine, ema, state: RunState) -> RunState:
-        """Load `checkpoint` into the engine and the EMA (and this rank's RNG streams); `state` at its position."""
-        saved = load_checkpoint(checkpoint, engine, ema, self.ctx.rank, self.ctx.world_size)
+    def restore(self, checkpoint: str, engine, ema, state: RunState, phema: PowerEMA | None = None) -> RunState:
+        """Load `checkpoint` into the engine, the EMA and the post-hoc EMA (and this rank's RNG streams); `state`
+        at its position."""
+        saved = load_checkpoint(checkpoint, engine, ema, self.ctx.rank, self.ctx.world_size, phema)
         if self.ctx.is_main:
             tqdm.write(f"resumed from {checkpoint} at step {saved['step']}")
         return state.resumed(saved)
 
-    def save(self, engine, ema, state: RunState) -> str:
+    def save(self, engine, ema, state: RunState, phema: PowerEMA | None = None) -> str:
         state.sum_counters(self.ctx.device)
-        return save_checkpoint(self.run_dir, engine, ema, state.record(), self.cfg, self.ctx.rank, self.keep_last)
+        return save_checkpoint(self.run_dir, engine, ema, state.record(), self.cfg, self.ctx.rank, self.keep_last,
+                               phema)
 
-    def step_done(self, engine, ema, state: RunState, done: bool) -> tuple[float, bool]:
-        """After an optimiser step: save if the cadence, the end of training or a signal on any rank asks for it.
-        Returns (seconds spent saving, whether the run stops now to be resumed: a signal arrived)."""
+    def step_done(self, engine, ema, state: RunState, done: bool,
+                  phema: PowerEMA | None = None) -> tuple[float, bool]:
+        """After an optimiser step: write the post-hoc EMA snapshots on their cadence and at the end (`phema`, when
+        on), then save if the cadence, the end of training or a signal on any rank asks for it. Returns (seconds
+        spent saving, whether the run stops now to be resumed: a signal arrived)."""
         preempted = any_rank(self.signals.received is not None, self.ctx.device)
         seconds = 0.0
+        if phema is not None and (state.step % self.phema_every == 0 or done):
+            t0 = time.perf_counter()  # before the checkpoint: a resume from it replays no step of a lost snapshot
+            save_snapshots(self.run_dir, engine.module, phema, state.step, self.ctx)
+            seconds += time.perf_counter() - t0
         if state.step % self.every == 0 or done or preempted:
             t0 = time.perf_counter()
-            path = self.save(engine, ema, state)
-            seconds = time.perf_counter() - t0
+            path = self.save(engine, ema, state, phema)
+            seconds += time.perf_counter() - t0
             if self.ctx.is_main:
-                tqdm.write(f"checkpoint {path} written in {seconds:.2f} s")
+                tqdm.write(f"checkpoint {path} written in {time.perf_counter() - t0:.2f} s")
         stop = preempted and not done
         if stop and self.ctx.is_main:
             name = signal.Signals(self.signals.received).name if self.signals.received else "a signal on another rank"
@@ -444,17 +543,27 @@ def export_ema(run_dir: str, out_path: str, ckpt_dir: str | None = None) -> str:
     ckpt_dir = ckpt_dir or latest_checkpoint(run_dir)
     if ckpt_dir is None:
         raise FileNotFoundError(f"run directory {run_dir!r} has no complete checkpoint to export")
-    weights = load_weights(os.path.join(ckpt_dir, "ema.safetensors"))
+    record = export_record(ckpt_dir)
+    write_export(load_weights(os.path.join(ckpt_dir, "ema.safetensors")), record, out_path,
+                 {"step": str(record["step"]), "source": os.path.abspath(ckpt_dir)})
+    return out_path
+
+
+def export_record(ckpt_dir: str) -> dict:
+    """The .json record of an export of checkpoint `ckpt_dir`: step, model, latent space, data, config."""
     with open(os.path.join(ckpt_dir, "config.yaml")) as f:
         config = yaml.safe_load(f)
     state = read_state(ckpt_dir)
+    return {"step": state["step"], "model": state["model"], "latent": state["latent"], "data": state.get("data", {}),
+            "config": config}
+
+
+def write_export(weights: dict[str, torch.Tensor], record: dict, out_path: str, metadata: dict[str, str]) -> None:
+    """`weights` to `out_path` (safetensors, with `metadata`) and `record` to `out_path` with .json, atomically."""
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     with atomic_path(out_path) as tmp:
-        save_file(weights, tmp, metadata={"step": str(state["step"]), "source": os.path.abspath(ckpt_dir)})
-    write_json_atomic(os.path.splitext(out_path)[0] + ".json",
-                      {"step": state["step"], "model": state["model"], "latent": state["latent"],
-                       "data": state.get("data", {}), "config": config})
-    return out_path
+        save_file(weights, tmp, metadata=metadata)
+    write_json_atomic(os.path.splitext(out_path)[0] + ".json", record)
 
 
 def main(argv: list[str] | None = None) -> None:

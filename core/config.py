@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from core.diffusion import beta_schedule
+from core.ema import MAX_SIGMA_REL
 from core.encoders import encoder_attention, encoder_has_class_token, parse_encoder_spec
 from core.fileio import atomic_write
 from core.repa import LOSS_KINDS, PROJECTORS, TARGET_NORMS
@@ -61,6 +62,10 @@ class TrainConfig:
     num_workers: int = 4  # data-loader worker processes per rank
     tensorboard: bool = True
     compile: bool = False  # torch.compile each transformer block (one graph reused by all); a one-time compile cost
+    # Post-hoc EMA (Karras et al. 2024, arXiv 2312.02696, Sec. 3): sigma_rel of the power-function EMAs whose
+    # snapshots go to run.dir/phema, for `python -m core.posthoc_ema`; [] = off, edm2 keeps [0.05, 0.1]
+    phema_stds: list[float] = field(default_factory=list)
+    phema_every: int = 0  # steps between snapshots; 0 = edm2's every 8 Mi images, round(8 * 2**20 / global_batch)
 
 
 @dataclass
@@ -305,7 +310,8 @@ def to_dict(cfg: Any) -> dict:
 
 # Keys that do not change a run's trajectory: a resume may change them freely.
 BOOKKEEPING_KEYS = ("run.dir", "train.max_steps", "train.ckpt_every", "train.log_every", "train.num_workers",
-                    "train.tensorboard", "run.keep_last", "run.allow_config_change", "train.compile", "monitor.")
+                    "train.tensorboard", "run.keep_last", "run.allow_config_change", "train.compile",
+                    "train.phema_every", "monitor.")
 
 
 def _flat(tree: dict, ignore: tuple[str, ...] = BOOKKEEPING_KEYS) -> dict:
@@ -498,6 +504,19 @@ def validate_reg(cfg: Any) -> None:
             raise ConfigError(f"reg.coeff > 0 with {key}={value!r} is not supported ({why}); set {key}={default!r}")
 
 
+def validate_phema(t: TrainConfig) -> None:
+    """The post-hoc EMA keys: each sigma_rel a power-function width, distinct in the snapshots' names."""
+    for i, std in enumerate(t.phema_stds):
+        if not 0 < std < MAX_SIGMA_REL:
+            raise ConfigError(f"train.phema_stds[{i}]={std} is not a relative EMA width in (0, {MAX_SIGMA_REL:.4f}) "
+                              "(edm2 keeps 0.05 and 0.1)")
+    names = [f"{std:.3f}" for std in t.phema_stds]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"train.phema_stds={list(t.phema_stds)} must differ at 3 decimals (the snapshots' names)")
+    if t.phema_every < 0:
+        raise ConfigError(f"train.phema_every must be >= 0 (0 = edm2's 8 Mi images in steps), got {t.phema_every}")
+
+
 def validate_common(cfg: Any) -> None:
     """Checks shared by every task's config: ranges and choices of the run/train/repa/objective/monitor
     sections."""
@@ -513,6 +532,7 @@ def validate_common(cfg: Any) -> None:
         raise ConfigError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
     if t.num_workers < 0:
         raise ConfigError(f"train.num_workers must be >= 0, got {t.num_workers}")
+    validate_phema(t)
     if cfg.run.seed < 0:  # the per-step generators are seeded from numpy SeedSequence, which takes no negatives
         raise ConfigError(f"run.seed must be >= 0, got {cfg.run.seed}")
     for key, beta in (("train.beta1", t.beta1), ("train.beta2", t.beta2)):

@@ -34,7 +34,7 @@ from core.checkpoint import EXIT_PREEMPTED, Checkpointer, PreemptionSignals, Run
 from core.config import ConfigError, config_hash, save_config, to_dict
 from core.data import StepSampler, make_loader
 from core.dist import DistContext, any_rank, barrier, mean_over_ranks, setup_distributed
-from core.ema import EMA
+from core.ema import EMA, PowerEMA, update_averages
 from core.encoders import encoder_attention, encoder_dim, encoder_names, load_encoders, parse_encoder_spec
 from core.engine import apply_optimizer_settings, batch_layout, build_ds_config, create_engine
 from core.latents import sample_latents
@@ -211,13 +211,14 @@ def training_batches(plan: RunPlan, step: int) -> Iterator[dict]:
 @dataclass
 class Run:
     """A built run: its plan, the DeepSpeed engine (model + optimiser), the EMA, the frozen REPA encoders (none
-    when the batches carry their stored features) and the objective."""
+    when the batches carry their stored features), the objective and the post-hoc EMA's profiles (None: off)."""
 
     plan: RunPlan
     engine: Any
     ema: EMA
     encoders: list
     objective: Any
+    phema: PowerEMA | None = None
 
 
 def build_run(plan: RunPlan) -> Run:
@@ -240,7 +241,9 @@ def build_run(plan: RunPlan) -> Run:
         say(ctx, f"REPA targets: the dataset's stored {', '.join(plan.feature_names)} features")
     say(ctx, f"DeepSpeed: {cfg.train.ds_config}, {ctx.world_size} rank(s), batch {plan.micro} x {plan.accum} per rank")
     engine = create_engine(model, cfg.train, build_ds_config(cfg.train, ctx.world_size), ctx.device)
-    return Run(plan, engine, EMA(engine.module, cfg.train.ema_decay), encoders, build_objective(cfg.objective))
+    ema = EMA(engine.module, cfg.train.ema_decay)
+    phema = PowerEMA(ema, cfg.train.phema_stds) if cfg.train.phema_stds else None
+    return Run(plan, engine, ema, encoders, build_objective(cfg.objective), phema)
 
 
 @dataclass
@@ -286,7 +289,8 @@ def micro_loss(run: Run, batch: dict, g: torch.Generator, step: int) -> tuple[to
 
 
 def train_step(run: Run, batches: Iterator[dict], step: int) -> StepResult:
-    """One optimiser step over the plan's `accum` micro-batches drawn from `batches`, then the EMA update.
+    """One optimiser step over the plan's `accum` micro-batches drawn from `batches`, then the EMA update (and the
+    post-hoc EMA's, at its step count `step` + 1).
 
     A non-finite loss on any rank raises NonFiniteLossError, or with train.skip_nonfinite skips the step. Losses
     stay on the device (no host sync for them); the one sync per micro-batch is the all-rank finiteness check.
@@ -309,7 +313,7 @@ def train_step(run: Run, batches: Iterator[dict], step: int) -> StepResult:
         engine.backward(loss)
         engine.step()
         losses.append({"loss": loss.detach(), **parts})
-    run.ema.update(engine.module)
+    update_averages(engine.module, run.ema, run.phema, step + 1)
     return StepResult(False, losses, corrupt)
 
 
@@ -392,7 +396,7 @@ def _train(cfg, ctx: DistContext, checkpointer: Checkpointer) -> int:
     torch.manual_seed(cfg.run.seed * 7919 + ctx.rank)
     state = plan.new_state()
     if resume_from is not None:
-        state = checkpointer.restore(resume_from, run.engine, run.ema, state)
+        state = checkpointer.restore(resume_from, run.engine, run.ema, state, run.phema)
         apply_optimizer_settings(run.engine, cfg.train)  # the optimizer state restores the saved lr/betas otherwise
     batches = training_batches(plan, state.step)
     steplog = StepLog(plan, resume_step=state.step if resume_from is not None else None)
@@ -416,7 +420,7 @@ def _train(cfg, ctx: DistContext, checkpointer: Checkpointer) -> int:
                 steplog.write(state, run.engine, bar)
             if monitor is not None:
                 steplog.exclude(monitor.step_done(run, state, steplog.logger))
-            saving_s, stopped = checkpointer.step_done(run.engine, run.ema, state, done)
+            saving_s, stopped = checkpointer.step_done(run.engine, run.ema, state, done, run.phema)
             steplog.exclude(saving_s)
     finally:
         bar.close()

@@ -19,6 +19,7 @@ NOT_RUN = {
     "accelerate launch -m eval": "a trained COCO/ImageNet model and 30K-50K samples (tests/test_eval_*.py)",
     "python -m eval.fid samples/coco_sde": "the COCO samples of the command before it",
     "python -m class_cond.import_repa SiT-XL-2-256.pt": "the official checkpoint (tests/test_eval_import_repa.py)",
+    "python -m core.posthoc_ema": "a run trained with train.phema_stds and its snapshots (tests/test_posthoc_ema.py)",
     "sbatch": "a Slurm cluster (tests/test_slurm.py starts one and submits these scripts)",
     "CONFIG=": "a Slurm cluster (tests/test_slurm.py)",
     "HF_HUB_OFFLINE=1": "the weights downloaded to /models (tests/test_user_errors.py: the offline errors)",
@@ -72,7 +73,8 @@ def test_every_readme_command_is_run_or_has_a_reason():
     assert len(commands) > 20, "the README's bash blocks were not found"
     run = [c for c in commands if runnable(c)]
     known = ("deepspeed --num_gpus 2", "torchrun", "python -m core.train", "python -m t2i.sample",
-             "python -m eval.report", "python -m core.checkpoint", "python -m core.bench", "python -m core.bench_suite")
+             "python -m eval.report", "python -m core.checkpoint", "python -m core.bench", "python -m core.bench_suite",
+             "python -m eval.export_diffusers")
     unknown = [c for c in run if not c.startswith(known)]
     assert not unknown, f"README commands neither run by this test nor listed in NOT_RUN: {unknown}"
 
