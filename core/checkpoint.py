@@ -246,8 +246,7 @@ def load_checkpoint(ckpt_dir: str, engine, ema, rank: int, world_size: int, phem
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir}")
     ema.load_state_dict(load_weights(os.path.join(ckpt_dir, "ema.safetensors")))
-    if phema is not None:
-        check_resume_phema(ckpt_dir, phema.sigma_rels)
+    if phema is not None:  # find_resume has checked that the checkpoint holds these profiles
         phema.load_state_dict(load_weights(os.path.join(ckpt_dir, PHEMA_FILE)))
     rng_file = os.path.join(ckpt_dir, f"rng_rank{rank}.json")
     if state.get("world_size") == world_size and os.path.isfile(rng_file):

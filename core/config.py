@@ -478,8 +478,8 @@ def validate_variants(cfg: Any) -> None:
 
 
 def validate_reg(cfg: Any) -> None:
-    """REG's combinations: what it needs (REPA's single DINOv2 encoder, the transport objective) and the REPA
-    options it cannot share the token with, each refused naming the key."""
+    """REG's combinations: what it needs (REPA with one encoder that has a class token, the transport objective)
+    and the options it cannot share the token with, each refused naming the key."""
     r, g = cfg.repa, cfg.reg
     if g.coeff < 0:
         raise ConfigError(f"reg.coeff must be >= 0, got {g.coeff}")
@@ -494,13 +494,13 @@ def validate_reg(cfg: Any) -> None:
     if cfg.objective.kind != "transport":
         raise ConfigError(f"reg.coeff > 0 needs objective.kind=transport (REG noises its token on the SiT path), "
                           f"got {cfg.objective.kind!r}")
-    for key, value, default in (("repa.projector", r.projector, "mlp"), ("repa.target_norm", r.target_norm, "none"),
-                                ("repa.stop_step", r.stop_step, 0), ("monitor.val_every", cfg.monitor.val_every, 0)):
+    for key, value, default, why in (
+        ("repa.projector", r.projector, "mlp", "the class token is not on the token grid"),
+        ("repa.target_norm", r.target_norm, "none", "the class token is not a patch token"),
+        ("repa.stop_step", r.stop_step, 0, "the model takes the encoder's class token at every step"),
+        ("monitor.val_every", cfg.monitor.val_every, 0, "the validation loss does not feed the class token"),
+    ):
         if value != default:
-            why = {"repa.projector": "the class token is not on the token grid",
-                   "repa.target_norm": "the class token is not a patch token",
-                   "repa.stop_step": "the model takes the encoder's class token at every step",
-                   "monitor.val_every": "the validation loss does not feed the class token"}[key]
             raise ConfigError(f"reg.coeff > 0 with {key}={value!r} is not supported ({why}); set {key}={default!r}")
 
 

@@ -74,13 +74,6 @@ def compile_blocks(model: torch.nn.Module) -> None:
         block.compile(dynamic=False)
 
 
-def _value(cfg, dotted: str):
-    """The config value at a dotted key ("reg.coeff")."""
-    for part in dotted.split("."):
-        cfg = getattr(cfg, part)
-    return cfg
-
-
 def data_needs(cfg, info: DataInfo, grid: int) -> tuple[bool, list[str]]:
     """(batches carry the clean image, names of the stored encoder features they carry instead), for a model of
     grid x grid tokens. REPA reads stored features when the dataset has, for every encoder, features of the same
@@ -89,8 +82,9 @@ def data_needs(cfg, info: DataInfo, grid: int) -> tuple[bool, list[str]]:
     specs = list(cfg.repa.encoders) if cfg.repa.coeff > 0 else []
     if not specs:
         return False, []
-    for key, what in (("repa.attn_coeff", "attention distillation"), ("reg.coeff", "REG's class token")):
-        if _value(cfg, key) > 0:  # neither the encoder's attention maps nor its class token is stored
+    for key, value, what in (("repa.attn_coeff", cfg.repa.attn_coeff, "attention distillation"),
+                             ("reg.coeff", cfg.reg.coeff, "REG's class token")):
+        if value > 0:  # neither the encoder's attention maps nor its class token is stored
             if has_images(info.root, info.manifest):
                 return True, []
             raise ConfigError(f"{key} > 0 ({what}) runs the encoder {specs[0]!r} on the images, and dataset "

@@ -135,7 +135,7 @@ class Generator:
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
         if heun and sampler != "ode":
             raise ValueError("--heun applies to the ODE sampler only")
-        check_sampling_values(cfg, t_last)
+        check_sampling_values(cfg, t_last, cls_cfg)
         self.model, self.meta = model, meta
         self.device = next(model.parameters()).device
         objective_cfg = objective_config(self.meta)
@@ -149,8 +149,6 @@ class Generator:
         self.token_dim = int((self.meta.get("model") or {}).get("kwargs", {}).get("reg_dim", 0))
         if self.token_dim:
             cls_cfg = REG_CLS_CFG if cls_cfg is None else float(cls_cfg)
-            if not cls_cfg >= 0:
-                raise ValueError(f"--cls-cfg must be >= 0, got {cls_cfg}")
             if self.diffusion is not None:
                 raise ValueError("a REG model needs the transport objective's samplers (ode, sde)")
         elif cls_cfg is not None:
@@ -413,12 +411,15 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
 
 
-def check_sampling_values(cfg: float, t_last: float) -> None:
-    """ValueError naming the option when --cfg or --t-last is out of range (checked before anything is written)."""
+def check_sampling_values(cfg: float, t_last: float, cls_cfg: Optional[float] = None) -> None:
+    """ValueError naming the option when --cfg, --t-last or --cls-cfg is out of range (checked before anything is
+    written)."""
     if not cfg >= 0:  # also refuses nan
         raise ValueError(f"--cfg must be >= 0, got {cfg}")
     if not 0 < t_last < 1:
         raise ValueError(f"--t-last must be in (0, 1), got {t_last}")
+    if cls_cfg is not None and not cls_cfg >= 0:
+        raise ValueError(f"--cls-cfg must be >= 0, got {cls_cfg}")
 
 
 def validate_generation_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -429,9 +430,7 @@ def validate_generation_args(p: argparse.ArgumentParser, args: argparse.Namespac
     if not 0 <= low <= high <= 1:
         p.error(f"--guidance-interval must satisfy 0 <= LOW <= HIGH <= 1, got {low} {high}")
     try:
-        check_sampling_values(args.cfg, args.t_last)
-        if args.cls_cfg is not None and not args.cls_cfg >= 0:
-            raise ValueError(f"--cls-cfg must be >= 0, got {args.cls_cfg}")
+        check_sampling_values(args.cfg, args.t_last, args.cls_cfg)
         # resolve the default sampler from the run's objective now: output names depend on it
         args.sampler = pick_sampler(objective_config(resolve_weights(args.run)[1]).kind, args.sampler)
     except (ValueError, FileNotFoundError) as err:
