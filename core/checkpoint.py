@@ -11,6 +11,8 @@ training loop only says "step done". What a checkpoint holds:
                                          rng_rank{r}.json (Python, NumPy and torch RNG streams of rank r)
                                          config.yaml      (the resolved config of the run)
     run.dir/checkpoints/latest           the newest tag (DeepSpeed's convention)
+    run.dir/checkpoints/universal/step_*  a checkpoint's DeepSpeed state in DeepSpeed's universal format, made when
+                                         it is resumed on another number of ranks; removed by the next save
     run.dir/phema/phema-STEP-STD.safetensors   post-hoc EMA snapshots (train.phema_stds), kept for good
 
 A checkpoint is staged in checkpoints/.staging/<tag> and renamed into place only when every rank has written its
@@ -33,6 +35,8 @@ import re
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -177,6 +181,7 @@ def save_checkpoint(run_dir: str, engine, ema, state: dict, cfg, rank: int, keep
         _fsync_dir(root)
         write_text_atomic(os.path.join(root, "latest"), tag)
         shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(universal_root(run_dir), ignore_errors=True)  # a resume now starts from this checkpoint
         # renamed out of step_* before deletion, so a kill mid-delete leaves no incomplete step_* directory
         for _, old in list_checkpoints(run_dir)[:-keep_last]:
             os.replace(old, os.path.join(trash, os.path.basename(old)))
@@ -237,11 +242,13 @@ def check_same_model(ckpt_dir: str, saved: dict | None, model: dict) -> None:
                           "a new run.dir")
 
 
-def load_checkpoint(ckpt_dir: str, engine, ema, rank: int, world_size: int, phema: PowerEMA | None = None) -> dict:
+def load_checkpoint(ckpt_dir: str, engine, ema, rank: int, world_size: int, phema: PowerEMA | None = None,
+                    universal: str | None = None) -> dict:
     """Restore model, optimizer, EMA, the post-hoc EMA's profiles (`phema`, when on) and (same world size) this
-    rank's RNG streams; returns state.json."""
+    rank's RNG streams; returns state.json. `universal`: the checkpoint's DeepSpeed state converted for another
+    number of ranks (to_universal), loaded instead of its own ZeRO files by an engine built to load it."""
     state = read_state(ckpt_dir)
-    root, tag = os.path.split(ckpt_dir)
+    root, tag = os.path.split(universal or ckpt_dir)
     load_path, _ = engine.load_checkpoint(root, tag=tag)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir}")
@@ -346,24 +353,52 @@ def check_resume_phema(checkpoint: str, sigma_rels: list[float]) -> None:
         )
 
 
-def check_resume_world_size(checkpoint: str, world_size: int) -> None:
-    """ConfigError unless `checkpoint` was written by `world_size` ranks: DeepSpeed's ZeRO checkpoints hold one
-    optimiser partition per rank and load on the same data-parallel size only (found before any setup)."""
+def reshards(checkpoint: str, world_size: int) -> bool:
+    """Whether `checkpoint` was written by another number of ranks than `world_size`: DeepSpeed's ZeRO files hold
+    one optimiser partition per rank, so it resumes through DeepSpeed's universal format (to_universal)."""
     saved = read_state(checkpoint).get("world_size")
-    if saved is not None and saved != world_size:
-        raise ConfigError(
-            f"{checkpoint} was written by {saved} ranks and this run has {world_size}: DeepSpeed's ZeRO checkpoints "
-            f"resume on the same number of ranks (GPUs) only. Resume with {saved} ranks, or start a new run.dir"
-        )
+    return saved is not None and saved != world_size
 
 
-def find_resume(cfg, world_size: int) -> str | None:
+def universal_root(run_dir: str) -> str:
+    return os.path.join(ckpt_root(run_dir), "universal")
+
+
+def universal_path(ckpt_dir: str) -> str:
+    """Where to_universal puts the universal form of checkpoint `ckpt_dir` (run.dir/checkpoints/step_*)."""
+    root, tag = os.path.split(os.path.abspath(ckpt_dir))
+    return os.path.join(root, "universal", tag)
+
+
+def to_universal(ckpt_dir: str) -> str:
+    """The DeepSpeed state of `ckpt_dir` in DeepSpeed's universal format (whole fp32 weights and Adam moments per
+    parameter, deepspeed.checkpoint.ds_to_universal), converted once into checkpoints/universal/<tag>; returns its
+    path. Run on one rank; a failed conversion leaves nothing behind and raises, naming the converter's error."""
+    out = universal_path(ckpt_dir)
+    if os.path.isdir(out):
+        return out
+    partial = os.path.join(os.path.dirname(out), f".partial-{os.path.basename(out)}")
+    shutil.rmtree(partial, ignore_errors=True)
+    workers = max(1, min(8, (os.cpu_count() or 1) // 2))
+    # A child process: the converter forks worker pools, which a process holding CUDA and NCCL state must not do.
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", ckpt_dir,
+           "--output_folder", partial, "--inject_missing_state", "--num_extract_workers", str(workers),
+           "--num_merge_workers", str(max(1, workers // 2))]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise RuntimeError(f"converting {ckpt_dir} to DeepSpeed's universal format failed (exit {proc.returncode}); "
+                           f"the checkpoint is untouched:\n{proc.stdout[-1500:]}{proc.stderr[-2500:]}")
+    os.replace(partial, out)
+    return out
+
+
+def find_resume(cfg) -> str | None:
     """The checkpoint this run resumes from (the newest of run.dir), None for a new run; ConfigError if the config
-    or the number of ranks does not fit it (found before any setup)."""
+    does not fit it (found before any setup). Any number of ranks may resume it (reshards)."""
     checkpoint = latest_checkpoint(cfg.run.dir)
     if checkpoint is not None:
         check_resume_config(cfg, checkpoint)
-        check_resume_world_size(checkpoint, world_size)
         check_resume_phema(checkpoint, cfg.train.phema_stds)
     return checkpoint
 
@@ -481,7 +516,7 @@ class Checkpointer:
                 error = err
         if any_rank(error is not None, self.ctx.device):
             raise error or RunDirBusy(f"run.dir {self.run_dir} is in use by another training (rank 0 says which)")
-        return find_resume(self.cfg, self.ctx.world_size)
+        return find_resume(self.cfg)
 
     def release(self) -> None:
         if self.lock is not None:
@@ -490,8 +525,28 @@ class Checkpointer:
 
     def restore(self, checkpoint: str, engine, ema, state: RunState, phema: PowerEMA | None = None) -> RunState:
         """Load `checkpoint` into the engine, the EMA and the post-hoc EMA (and this rank's RNG streams); `state`
-        at its position."""
-        saved = load_checkpoint(checkpoint, engine, ema, self.ctx.rank, self.ctx.world_size, phema)
+        at its position. A checkpoint of another number of ranks is converted to DeepSpeed's universal format
+        first (on rank 0), which the engine must have been built to load (build_ds_config(load_universal=True))."""
+        universal = None
+        if reshards(checkpoint, self.ctx.world_size):
+            saved_ranks, error = read_state(checkpoint)["world_size"], None
+            if self.ctx.is_main:
+                tqdm.write(f"{checkpoint} was written by {saved_ranks} rank(s), this run has {self.ctx.world_size}: "
+                           "converting its DeepSpeed state to the universal format")
+                if self.cfg.disp.coeff > 0:
+                    tqdm.write("warning: disp.coeff > 0: the dispersive loss contrasts the samples of a rank's "
+                               "micro-batch, so on another number of ranks the run does not continue the same "
+                               "trajectory (every other term does, up to float reduction order)")
+                try:
+                    t0 = time.perf_counter()
+                    universal = to_universal(checkpoint)
+                    tqdm.write(f"universal checkpoint {universal} written in {time.perf_counter() - t0:.1f} s")
+                except RuntimeError as err:
+                    error = err
+            if any_rank(error is not None, self.ctx.device):
+                raise error or RuntimeError(f"rank 0 could not convert {checkpoint} to the universal format")
+            universal = universal_path(checkpoint)  # rank 0 has made it
+        saved = load_checkpoint(checkpoint, engine, ema, self.ctx.rank, self.ctx.world_size, phema, universal)
         if self.ctx.is_main:
             tqdm.write(f"resumed from {checkpoint} at step {saved['step']}")
         return state.resumed(saved)

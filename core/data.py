@@ -1,4 +1,4 @@
-"""Deterministic, resumable data loading: the sample order is a pure function of (seed, step, rank).
+"""Deterministic, resumable data loading: the sample order is a pure function of (seed, step), whatever the ranks.
 
 Position p of the global stream is sample perm_e[p mod n] with e = p // n and perm_e a seeded permutation, so
 global step s reads positions [s * global_batch, (s + 1) * global_batch), rank r its contiguous share. Resuming at

@@ -33,6 +33,8 @@ import math
 
 import torch
 
+from core.draws import RowDraws, as_draws
+
 
 def step_to_t(step: torch.Tensor, num_steps: int) -> torch.Tensor:
     """Sampler / guidance time t = s / T (float64) of original step indices s."""
@@ -219,17 +221,18 @@ class GaussianDiffusion:
 
     # -------------------------------------------------------------------------------------------------- training
 
-    def loss(self, model, x0: torch.Tensor, cond: dict, generator: torch.Generator, taps=None):
+    def loss(self, model, x0: torch.Tensor, cond: dict, generator: RowDraws | torch.Generator, taps=None):
         """Per-sample hybrid loss (B,) float32 (module docstring) and the model's projected REPA tokens; with
         `taps` (core.repa.Taps) also what the model tapped, as a third element.
 
         model(x_s, s, **cond) -> ([eps | v] (B, 2C, H, W), zs), s: (B,) long original step indices; x0: (B, C, H, W)
-        scaled latents; generator draws s, then the noise.
+        scaled latents; generator (or core.draws.RowDraws) draws s, then the noise.
         """
         if self.num_timesteps != self.original_steps:
             raise ValueError("the loss is defined on the full process, not a respaced one")
-        index = torch.randint(0, self.num_timesteps, (x0.shape[0],), generator=generator, device=x0.device)
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        draws = as_draws(generator)
+        index = draws.randint(self.num_timesteps, (x0.shape[0],), x0.device)
+        noise = draws.randn(x0.shape, x0.device, x0.dtype)
         x_t = self.q_sample(x0, index, noise)
         out, zs, *tapped = model(x_t, index, **cond) if taps is None else model(x_t, index, taps=taps, **cond)
         out, x0, x_t = out.float(), x0.float(), x_t.float()

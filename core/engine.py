@@ -24,8 +24,9 @@ def batch_layout(global_batch: int, micro_batch: int, world_size: int) -> tuple[
     return micro, per_rank // micro
 
 
-def build_ds_config(train_cfg, world_size: int) -> dict:
-    """The DeepSpeed config dict: train.ds_config's JSON plus the fields derived from `train_cfg`."""
+def build_ds_config(train_cfg, world_size: int, load_universal: bool = False) -> dict:
+    """The DeepSpeed config dict: train.ds_config's JSON plus the fields derived from `train_cfg`.
+    `load_universal`: the engine loads a universal checkpoint (a resume on another number of ranks)."""
     with open(train_cfg.ds_config) as f:
         ds = json.load(f)
     clash = [k for k in FILLED_BY_CODE if k in ds]
@@ -38,6 +39,8 @@ def build_ds_config(train_cfg, world_size: int) -> dict:
     ds.update(train_batch_size=train_cfg.global_batch, train_micro_batch_size_per_gpu=micro,
               gradient_accumulation_steps=accum, gradient_clipping=train_cfg.grad_clip)
     ds.setdefault("steps_per_print", 10**9)  # we log ourselves
+    if load_universal:
+        ds["checkpoint"] = {**ds.get("checkpoint", {}), "load_universal": True}
     return ds
 
 

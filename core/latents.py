@@ -8,16 +8,18 @@ generate.py) and 1 for the pixel space.
 import torch
 import torch.nn.functional as F
 
+from core.draws import RowDraws, as_draws
 from core.hub import require_weights
 
 SD_VAE_SCALE = 0.18215  # Rombach et al.; used by SiT/REPA with SD-VAE latents
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"  # the REPA reference's generate.py decodes with sd-vae-ft-ema (--vae ema)
 
 
-def sample_latents(moments: torch.Tensor, generator: torch.Generator, scale: float, shift: float = 0.0) -> torch.Tensor:
+def sample_latents(moments: torch.Tensor, generator: RowDraws | torch.Generator, scale: float,
+                   shift: float = 0.0) -> torch.Tensor:
     """moments: (B, 2C, H, W) mean ‖ std -> (B, C, H, W) float32 latents scaled for the model."""
     mean, std = moments.float().chunk(2, dim=1)
-    eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    eps = as_draws(generator).randn(mean.shape, device=mean.device, dtype=mean.dtype)
     return (mean + std * eps) * scale + shift
 
 

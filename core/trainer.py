@@ -15,8 +15,10 @@ and one step is, per micro-batch:
             + the REPA family's other terms on (core.repa.RepresentationTerms: attention distillation,
               dispersive loss; repa.stop_step ends the terms that use the encoder)
 
-All randomness of a step comes from a generator seeded by (run.seed, step, rank, micro-batch), and the data order is
-a function of (run.seed, step), so a resumed run replays exactly what an uninterrupted one would have done.
+All randomness of a step is drawn for the whole global batch from a generator seeded by (run.seed, step), each
+micro-batch taking its rows (core.draws), and the data order is a function of (run.seed, step): a resumed run replays
+exactly what an uninterrupted one would have done, and on another number of ranks what one would have done there
+(float reduction order aside).
 """
 import logging
 import os
@@ -25,7 +27,6 @@ import time
 from dataclasses import dataclass
 from typing import Any, Iterator, Protocol
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -34,6 +35,7 @@ from core.checkpoint import EXIT_PREEMPTED, Checkpointer, PreemptionSignals, Run
 from core.config import ConfigError, config_hash, save_config, to_dict
 from core.data import StepSampler, make_loader
 from core.dist import DistContext, any_rank, barrier, mean_over_ranks, setup_distributed
+from core.draws import RowDraws, as_draws, step_generator
 from core.ema import EMA, PowerEMA, update_averages
 from core.encoders import encoder_attention, encoder_dim, encoder_names, load_encoders, parse_encoder_spec
 from core.engine import apply_optimizer_settings, batch_layout, build_ds_config, create_engine
@@ -50,12 +52,6 @@ MONITOR_GROUP = "repa_train.monitors"  # entry points of what shows a run while 
 
 class NonFiniteLossError(RuntimeError):
     pass
-
-
-def step_generator(seed: int, step: int, rank: int, micro: int, device: torch.device) -> torch.Generator:
-    """The generator for all random draws of one micro-batch: a pure function of its coordinates."""
-    s = int(np.random.SeedSequence([seed, step, rank, micro]).generate_state(1, np.uint64)[0] >> 1)
-    return torch.Generator(device=device).manual_seed(s)
 
 
 def batch_plan(cfg, world_size: int) -> tuple[int, int]:
@@ -135,6 +131,7 @@ class RunPlan:
     need_image: bool  # batches carry the clean image (REPA encoders run in the step)
     feature_names: list  # stored encoder features the batches carry instead
     terms: RepresentationTerms  # the REPA-family terms beside the denoising loss
+    load_universal: bool = False  # resuming a checkpoint of another number of ranks (core.checkpoint.reshards)
 
     @property
     def data(self) -> DataInfo:
@@ -182,6 +179,7 @@ def preflight(cfg, ctx: DistContext, checkpointer: Checkpointer) -> tuple[RunPla
     plan = plan_run(cfg, task_cls(cfg, data), ctx, layout)
     if resume_from is not None:
         ckpt.check_same_model(resume_from, ckpt.read_state(resume_from).get("model"), plan.model_record())
+        plan.load_universal = ckpt.reshards(resume_from, ctx.world_size)
     return plan, resume_from
 
 
@@ -234,7 +232,8 @@ def build_run(plan: RunPlan) -> Run:
     elif plan.feature_names:
         say(ctx, f"REPA targets: the dataset's stored {', '.join(plan.feature_names)} features")
     say(ctx, f"DeepSpeed: {cfg.train.ds_config}, {ctx.world_size} rank(s), batch {plan.micro} x {plan.accum} per rank")
-    engine = create_engine(model, cfg.train, build_ds_config(cfg.train, ctx.world_size), ctx.device)
+    engine = create_engine(model, cfg.train, build_ds_config(cfg.train, ctx.world_size, plan.load_universal),
+                           ctx.device)
     ema = EMA(engine.module, cfg.train.ema_decay)
     phema = PowerEMA(ema, cfg.train.phema_stds) if cfg.train.phema_stds else None
     return Run(plan, engine, ema, encoders, build_objective(cfg.objective), phema)
@@ -265,14 +264,14 @@ def step_taps(plan: RunPlan, step: int):
     return terms.taps(step, encoder_attention(plan.cfg.repa.encoders[0])[1] if terms.attn else 0)
 
 
-def micro_loss(run: Run, batch: dict, g: torch.Generator, step: int) -> tuple[torch.Tensor, dict]:
+def micro_loss(run: Run, batch: dict, g: RowDraws | torch.Generator, step: int) -> tuple[torch.Tensor, dict]:
     """(total loss, {"denoise_loss": .., and each of plan.terms.names: ..} detached) of one micro-batch of
-    optimiser step `step`; a term that is off is 0."""
+    optimiser step `step`, its random draws from `g` (its rows of the step's draws); a term that is off is 0."""
     plan, cfg, device = run.plan, run.plan.cfg, run.plan.ctx.device
     terms = plan.terms
     moments = batch["moments"].to(device, non_blocking=True)
     x0 = sample_latents(moments, g, plan.data.scale, plan.data.shift)
-    drop = torch.rand(x0.shape[0], generator=g, device=device) < cfg.train.cond_dropout
+    drop = as_draws(g).rand((x0.shape[0],), device) < cfg.train.cond_dropout
     cond = plan.task.condition(batch, drop, device)
     targets = encoder_targets(run, batch) if terms.uses_encoder(step) else None
     reg = {"cls": targets.cls} if terms.reg else {}  # REG: the clean class token, noised by the objective
@@ -280,6 +279,14 @@ def micro_loss(run: Run, batch: dict, g: torch.Generator, step: int) -> tuple[to
     denoise = denoise.mean()
     extra, values = terms.losses(step, zs, tapped[0] if tapped else {}, targets, device)
     return denoise + extra, {"denoise_loss": denoise.detach(), **{k: v.detach() for k, v in values.items()}}
+
+
+def micro_draws(plan: RunPlan, step: int, micro: int) -> RowDraws:
+    """The draws of micro-batch `micro` of this rank at optimiser step `step`: its rows of the global batch, in
+    the order of core.data.StepSampler's stream."""
+    cfg, ctx = plan.cfg, plan.ctx
+    start = ctx.rank * plan.micro * plan.accum + micro * plan.micro
+    return RowDraws(step_generator(cfg.run.seed, step, ctx.device), start, cfg.train.global_batch)
 
 
 def train_step(run: Run, batches: Iterator[dict], step: int) -> StepResult:
@@ -295,7 +302,7 @@ def train_step(run: Run, batches: Iterator[dict], step: int) -> StepResult:
     for m in range(run.plan.accum):
         batch = next(batches)
         corrupt += batch.get("skipped", 0)
-        loss, parts = micro_loss(run, batch, step_generator(cfg.run.seed, step, ctx.rank, m, ctx.device), step)
+        loss, parts = micro_loss(run, batch, micro_draws(run.plan, step, m), step)
         if any_rank(not torch.isfinite(loss).item(), ctx.device):
             if not cfg.train.skip_nonfinite:
                 last = ckpt.latest_checkpoint(cfg.run.dir)

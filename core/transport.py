@@ -8,6 +8,7 @@ import math
 import torch
 
 from core.diffusion import GaussianDiffusion
+from core.draws import RowDraws, as_draws
 
 
 class Transport:
@@ -35,11 +36,12 @@ class Transport:
         return (torch.cos(half_pi * t), torch.sin(half_pi * t),
                 -half_pi * torch.sin(half_pi * t), half_pi * torch.cos(half_pi * t))
 
-    def sample_t(self, n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    def sample_t(self, n: int, generator: RowDraws | torch.Generator, device: torch.device) -> torch.Tensor:
         """(n,) float32 times in [0, 1]: uniform, or lognormal (sigma/alpha = exp(N(0, 1)))."""
+        draws = as_draws(generator)
         if self.time_sampling == "uniform":
-            return torch.rand(n, generator=generator, device=device)
-        ratio = torch.randn(n, generator=generator, device=device).exp()  # sigma_t / alpha_t
+            return draws.rand((n,), device)
+        ratio = draws.randn((n,), device).exp()  # sigma_t / alpha_t
         if self.path == "linear":
             return ratio / (1 + ratio)
         return torch.atan(ratio) / (math.pi / 2)
@@ -50,22 +52,23 @@ class Transport:
         alpha, sigma, d_alpha, d_sigma = (c.view(shape) for c in self.alpha_sigma(t))
         return alpha * x0 + sigma * eps, d_alpha * x0 + d_sigma * eps
 
-    def loss(self, model, x0: torch.Tensor, cond: dict, generator: torch.Generator, taps=None,
+    def loss(self, model, x0: torch.Tensor, cond: dict, generator: RowDraws | torch.Generator, taps=None,
              cls: torch.Tensor | None = None):
         """Per-sample velocity MSE (B,) float32 and the model's projected tokens; with `taps` (core.repa.Taps:
         what a REPA-family term needs of the forward) also what the model tapped, as a third element.
 
-        model(x_t, t, **cond) -> (velocity, zs); x0: (B, C, H, W) scaled latents; generator draws t and eps.
+        model(x_t, t, **cond) -> (velocity, zs); x0: (B, C, H, W) scaled latents; generator (or core.draws.RowDraws) draws t and eps.
         cls: REG's clean encoder class token (B, D): noised on the same path at the same t with its own noise
         (drawn after eps), fed to the model as `cls`; the third element then holds "cls_loss", the token's
         per-sample velocity MSE (B,).
         """
-        t = self.sample_t(x0.shape[0], generator, x0.device)
-        eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        draws = as_draws(generator)
+        t = self.sample_t(x0.shape[0], draws, x0.device)
+        eps = draws.randn(x0.shape, x0.device, x0.dtype)
         x_t, target = self.interpolate(x0, eps, t)
         kwargs = dict(cond, **({} if taps is None else {"taps": taps}))
         if cls is not None:
-            eps_cls = torch.randn(cls.shape, generator=generator, device=cls.device, dtype=cls.dtype)
+            eps_cls = draws.randn(cls.shape, cls.device, cls.dtype)
             kwargs["cls"], cls_target = self.interpolate(cls, eps_cls, t)
         pred, zs, *tapped = model(x_t, t, **kwargs)
         mse = (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)
