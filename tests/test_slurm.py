@@ -1,19 +1,23 @@
-"""slurm/: the sbatch scripts on a real one-node Slurm cluster started on this machine (tests/slurm_cluster.py).
+"""slurm/: the sbatch scripts on a real Slurm cluster of two nodes started on this machine (tests/slurm_cluster.py).
 
-One tiny text-to-image run on 2 CPU ranks through `sbatch slurm/train_coco.sh`: USR1 to the batch shell mid-run
-(`scancel --signal=USR1 --batch`), which must make the trainer checkpoint, the job requeue itself, resume from
-that step in the appended log and finish with the configured step count.
+The tiny text-to-image run on 2 CPU ranks through `sbatch slurm/train_coco.sh`, twice at once: on one node x 2
+ranks and on 2 nodes x 1 rank. USR1 to the batch shell mid-run (`scancel --signal=USR1 --batch`) must make the
+trainer checkpoint, the job requeue itself, resume from that step in the appended log and finish with the
+configured step count; the two-node run must then match the one-node run's metrics and EMA weights exactly.
 """
 import json
 import os
 import re
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from conftest import REPO, cpu_env
-from slurm_cluster import SlurmCluster, ensure_installed
+from slurm_cluster import IFNAME, SlurmCluster, ensure_installed, netns_problem
 
 MAX_STEPS = 30
 SIGNAL_AFTER = 3  # steps logged before the signal: the trainer is past start-up and far from the end
@@ -39,12 +43,15 @@ def test_scripts_are_valid_bash_and_thin():
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
+    """Two nodes where network namespaces can be made, else one (the two-node test then skips)."""
     if os.geteuid() != 0:
         pytest.skip("a local Slurm cluster needs root (munged/slurmd as root, apt-get to install)")
     why = ensure_installed()
     if why:
         pytest.skip(why)
-    c = SlurmCluster.start(str(tmp_path_factory.mktemp("slurm_cluster")))
+    nodes = 1 if netns_problem() else 2
+    # 4 CPUs declared a node: node1 holds the one-node job's 2 ranks and a rank of the two-node job at once
+    c = SlurmCluster.start(str(tmp_path_factory.mktemp("slurm_cluster")), nodes=nodes, cpus=4 if nodes > 1 else None)
     yield c
     c.stop()
 
@@ -58,9 +65,13 @@ def job_env(**extra) -> dict:
 
 
 def _logged_steps(run_dir) -> list[int]:
+    return [m["step"] for m in _metrics(run_dir)]
+
+
+def _metrics(run_dir) -> list[dict]:
     try:
         with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-            return [json.loads(line)["step"] for line in f if line.strip()]
+            return [json.loads(line) for line in f if line.strip()]
     except (OSError, ValueError):
         return []
 
@@ -71,27 +82,30 @@ def _checkpoints(run_dir) -> list[int]:
     return sorted(int(n[5:]) for n in names if re.fullmatch(r"step_\d{8,}", n))
 
 
-@pytest.fixture(scope="module")
-def coco_job(cluster, tmp_path_factory):
-    """`sbatch slurm/train_coco.sh` with the tiny T2I config on 2 CPU ranks, USR1 to the batch shell after
-    SIGNAL_AFTER logged steps, followed to its end; -> dict(job, run_dir, log text, checkpoints at the requeue
-    and at the end, final scontrol record)."""
-    tmp = tmp_path_factory.mktemp("coco_job")
+def _submit(cluster, tmp, layout: list[str], **env) -> dict:
+    """`sbatch slurm/train_coco.sh` of the tiny T2I config with these --nodes/--ntasks-per-node flags."""
     run_dir, log = tmp / "run", tmp / "train.out"
-    env = job_env(CONFIG="configs/debug/t2i_tiny.yaml", RUN_DIR=str(run_dir))
-    # The script's #SBATCH lines ask for 8 GPUs; flags override them: 2 CPU ranks (GPUS_PER_NODE 0 -> gloo).
-    job = cluster.sbatch(["--gpus-per-node=0", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=10",
-                          f"--output={log}", "slurm/train_coco.sh", f"train.max_steps={MAX_STEPS}",
-                          "train.ckpt_every=1000", "train.log_every=1", "train.num_workers=0",
-                          "train.tensorboard=false", "data.synthetic_samples=128"], env=env, cwd=REPO)
+    env = job_env(CONFIG="configs/debug/t2i_tiny.yaml", RUN_DIR=str(run_dir), **env)
+    # The script's #SBATCH lines ask for 8 GPUs; flags override them: CPU ranks (GPUS_PER_NODE 0 -> gloo).
+    job = cluster.sbatch(["--gpus-per-node=0", *layout, "--cpus-per-task=1", "--time=10", f"--output={log}",
+                          "slurm/train_coco.sh", f"train.max_steps={MAX_STEPS}", "train.ckpt_every=1000",
+                          "train.log_every=1", "train.num_workers=0", "train.tensorboard=false",
+                          "data.synthetic_samples=128"], env=env, cwd=REPO)
+    return dict(job=job, run_dir=run_dir, log_path=log)
+
+
+def _follow(cluster, job: str, run_dir, log_path) -> dict:
+    """USR1 to the batch shell after SIGNAL_AFTER logged steps, then follow the job to its end; -> dict(job,
+    run_dir, log text, the ranks' nodes at the signal, checkpoints at the requeue and at the end, final record)."""
     # The log interleaves the bytes of several processes (tasks, the batch shell), which can split a UTF-8
     # character such as tqdm's bar blocks: decode it leniently.
-    text = lambda: log.read_text(errors="replace") if log.exists() else ""  # noqa: E731
+    text = lambda: log_path.read_text(errors="replace") if log_path.exists() else ""  # noqa: E731
     state, wait = lambda: cluster.job(job), cluster.wait_for  # noqa: E731
     try:
         wait(lambda: len(_logged_steps(run_dir)) >= SIGNAL_AFTER or state().get("JobState") not in
              ("PENDING", "RUNNING", "CONFIGURING"), TIMEOUT, "training to start", every=0.5)
         assert state().get("JobState") == "RUNNING", (state(), text()[-3000:])
+        ranks = cluster.ranks(job)
         subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=cluster.env, check=True, timeout=30)
         # The batch shell forwards the signal, the ranks checkpoint and exit 75, the shell requeues the job.
         wait(lambda: int(state().get("Restarts", 0)) >= 1, TIMEOUT, "the job to requeue itself")
@@ -102,18 +116,41 @@ def coco_job(cluster, tmp_path_factory):
         wait(lambda: state().get("JobState") not in ACTIVE, TIMEOUT, "the resumed job to finish")
     except TimeoutError as e:
         raise AssertionError(f"{e}\njob: {state()}\nlog:\n{text()[-5000:]}") from None
-    return dict(job=job, run_dir=run_dir, log=text(), at_requeue=at_requeue, at_end=_checkpoints(run_dir),
-                final=state())
+    return dict(job=job, run_dir=run_dir, log=text(), ranks=ranks, at_requeue=at_requeue,
+                at_end=_checkpoints(run_dir), final=state())
 
 
-def test_train_coco_requeues_on_usr1_and_resumes(coco_job, capsys):
-    out, final, saved, run_dir = coco_job["log"], coco_job["final"], coco_job["at_requeue"], coco_job["run_dir"]
+@pytest.fixture(scope="module")
+def coco_jobs(cluster, tmp_path_factory):
+    """The tiny T2I run on 2 CPU ranks twice at once, so that their requeue delays overlap: "one" on one node x 2
+    ranks, "two" (with two nodes) on 2 nodes x 1 rank. Each is USR1'd mid-run and followed to its end."""
+    layouts, env = {"one": ["--nodes=1", "--ntasks-per-node=2"]}, {"one": {}}
+    if len(cluster.nodes) > 1:
+        layouts["two"] = ["--nodes=2", "--ntasks-per-node=1"]
+        # gloo binds the address the hostname resolves to (here, as on many hosts, the loopback: its peer on the
+        # other node then connects to itself and fails) unless it is named the interface
+        env["two"] = {"GLOO_SOCKET_IFNAME": IFNAME}
+    submitted = {k: _submit(cluster, tmp_path_factory.mktemp(f"coco_{k}"), v, **env[k]) for k, v in layouts.items()}
+    with ThreadPoolExecutor(len(submitted)) as pool:
+        futures = {k: pool.submit(_follow, cluster, **v) for k, v in submitted.items()}
+        return {k: f.result() for k, f in futures.items()}
+
+
+@pytest.fixture(scope="module")
+def coco_job(coco_jobs):
+    return coco_jobs["one"]
+
+
+def _check_requeued_once(run: dict, capsys) -> None:
+    """The run checkpointed on USR1, requeued itself once, resumed from that step and finished, each step logged
+    once."""
+    out, final, saved, run_dir = run["log"], run["final"], run["at_requeue"], run["run_dir"]
     resumed = re.findall(r"resumed from (\S+) at step (\d+)", out)
     saves = re.findall(r"checkpoint (\S+) written in ([\d.]+) s", out)
     with capsys.disabled():
-        print(f"\n[slurm] job {coco_job['job']}: {final.get('JobState')} exit {final.get('ExitCode')} after "
-              f"{final.get('Restarts')} requeue(s); checkpoints {saved} at the requeue, {coco_job['at_end']} "
-              "at the end")
+        print(f"\n[slurm] job {run['job']}: {final.get('JobState')} exit {final.get('ExitCode')} after "
+              f"{final.get('Restarts')} requeue(s) on {final.get('NodeList')}; checkpoints {saved} at the requeue, "
+              f"{run['at_end']} at the end; ranks {run['ranks']} at the signal")
         key = re.compile(r"\[20\S+ (job|USR1|requeu|train).*|(resumed from|checkpoint /\S+ written|training done) .*")
         for line in out.splitlines():  # the evidence, without the progress bars sharing its lines
             if m := key.search(line):
@@ -122,13 +159,47 @@ def test_train_coco_requeues_on_usr1_and_resumes(coco_job, capsys):
     assert final.get("JobState") == "COMPLETED" and final.get("ExitCode") == "0:0", (final, out[-3000:])
     assert final.get("Restarts") == "1", final
     assert "USR1: asking the trainer to checkpoint" in out and "training step exited 75" in out, out[-3000:]
-    assert f"requeueing job {coco_job['job']}" in out and "(restart 1)" in out, out[-3000:]
+    assert f"requeueing job {run['job']}" in out and "(restart 1)" in out, out[-3000:]
     assert resumed == [(os.path.join(str(run_dir), "checkpoints", f"step_{saved[-1]:08d}"), str(saved[-1]))], out
     assert f"training done at step {MAX_STEPS}" in out and "training step exited 0" in out, out[-3000:]
     steps = _logged_steps(run_dir)
     assert steps == list(range(1, MAX_STEPS + 1)), steps  # each step logged once: none lost or redone
-    assert coco_job["at_end"][-1] == MAX_STEPS
+    assert run["at_end"][-1] == MAX_STEPS
     assert len(saves) == 2 and all(float(s) < 30 for _, s in saves), saves
+
+
+def test_train_coco_requeues_on_usr1_and_resumes(coco_job, capsys):
+    _check_requeued_once(coco_job, capsys)
+    assert sorted(coco_job["ranks"]) == [0, 1] and len(set(coco_job["ranks"].values())) == 1, coco_job["ranks"]
+
+
+def test_two_nodes_requeue_and_match_one_node(cluster, coco_jobs, capsys):
+    """The multi-node path: rendezvous on the first node, one rank per node, one srun, USR1 and the requeue; the
+    same global batch on the same world size as the one-node run gives the same numbers, bit for bit."""
+    if "two" not in coco_jobs:
+        pytest.skip(f"one node only: {netns_problem()}")
+    two, one = coco_jobs["two"], coco_jobs["one"]
+    _check_requeued_once(two, capsys)
+    first = next(iter(cluster.nodes))
+    assert re.search(rf"\(restart 0\): 2 node\(s\) x 1 tasks, master {first}:\d+", two["log"]), two["log"][-3000:]
+    assert two["final"].get("NodeList") == "node[1-2]", two["final"]
+    (node0, net0), (node1, net1) = two["ranks"][0], two["ranks"][1]  # rank -> (SLURMD_NODENAME, netns)
+    assert (node0, node1) == ("node1", "node2") and net0 != net1, two["ranks"]
+    # Floats compared exactly: gloo sums 2 values and a + b == b + a. The runs were requeued at whichever steps
+    # their signals fell, so this also checks that a resume continues the run exactly.
+    got, want = _curves(two["run_dir"]), _curves(one["run_dir"])
+    assert got == want, next(((a, b) for a, b in zip(got, want) if a != b), None)
+    ema = [load_file(os.path.join(r["run_dir"], "checkpoints", f"step_{MAX_STEPS:08d}", "ema.safetensors"))
+           for r in (one, two)]
+    assert ema[0].keys() == ema[1].keys() and all(torch.equal(ema[0][k], ema[1][k]) for k in ema[0])
+    with capsys.disabled():
+        print(f"\n[slurm] 2 nodes x 1 rank vs 1 node x 2 ranks: {len(got)} logged steps and {len(ema[0])} EMA "
+              f"tensors identical (final loss {got[-1][1]:.6f})")
+
+
+def _curves(run_dir) -> list[tuple]:
+    """(step, loss, denoise_loss, repa_loss, grad_norm) of each logged step."""
+    return [(m["step"], m["loss"], m["denoise_loss"], m["repa_loss"], m["grad_norm"]) for m in _metrics(run_dir)]
 
 
 def test_eval_fid_job_on_the_trained_run(cluster, coco_job, tmp_path, capsys):
