@@ -42,6 +42,7 @@ from core.dist import barrier, setup_distributed
 from core.encoders import encoder_dim, encoder_names, load_encoders, random_weights_spec
 from core.engine import build_ds_config
 from core.fileio import append_line
+from core.host_syncs import HostSyncCounter
 from core.shards import feature_record
 from core.task import load_task_config
 from core.trainer import RunPlan, build_run, plan_run, step_taps, train_step, training_batches
@@ -278,6 +279,8 @@ def bench_step(cfg, task_cls, ctx, args) -> dict:
         torch.cuda.reset_peak_memory_stats(ctx.device)
     times = _timed(lambda i: train_step(run, batches, args.warmup + i), args.steps, ctx.device)
     memory, memory_kind = _peak_memory(ctx.device)
+    with HostSyncCounter(ctx.device) as syncs:  # one more step, untimed: the counter slows every op
+        train_step(run, batches, args.warmup + args.steps)
 
     per_device = plan.micro * plan.accum
     step_s = float(np.median(times))
@@ -298,7 +301,8 @@ def bench_step(cfg, task_cls, ctx, args) -> dict:
             "peak_memory_gib": memory, "peak_memory_kind": memory_kind,
             "gflop_per_img_model_fwd": flops["model_fwd"] / 1e9, "gflop_per_img_model_bwd": flops["model_bwd"] / 1e9,
             "gflop_per_img_encoder_fwd": flops["encoder_fwd"] / 1e9, "flop_convention": FLOP_CONVENTION,
-            "peak_tflops": peak, "peak_source": peak_source, "mfu": mfu, "mfu_with_encoder": mfu_enc}
+            "peak_tflops": peak, "peak_source": peak_source, "mfu": mfu, "mfu_with_encoder": mfu_enc,
+            "host_syncs_per_step": {k: syncs.counts[k] for k in ("project", "host", "library")}}
 
 
 def report(r: dict) -> str:
@@ -334,6 +338,8 @@ def report(r: dict) -> str:
         f"  GFLOP per image       model {r['gflop_per_img_model_fwd']:.3g} fwd + {r['gflop_per_img_model_bwd']:.3g} "
         f"bwd, encoder {r['gflop_per_img_encoder_fwd']:.3g} fwd ({r['flop_convention']})",
         f"  MFU                   {mfu}",
+        "  host syncs per step   " + ", ".join(f"{v} {k}" for k, v in r["host_syncs_per_step"].items())
+        + " (reads of device values; host: the loader's and CPU-only checks' host tensors)",
     ])
 
 

@@ -503,6 +503,7 @@ class Checkpointer:
         self.cfg, self.ctx, self.signals = cfg, ctx, signals
         self.run_dir, self.every, self.keep_last = cfg.run.dir, cfg.train.ckpt_every, cfg.run.keep_last
         self.phema_every = snapshot_every(cfg.train.phema_every, cfg.train.global_batch)
+        self.signal_every = cfg.train.signal_every
         self.lock: RunDirLock | None = None
 
     def claim(self) -> str | None:
@@ -556,14 +557,25 @@ class Checkpointer:
         return save_checkpoint(self.run_dir, engine, ema, state.record(), self.cfg, self.ctx.rank, self.keep_last,
                                phema)
 
-    def step_done(self, engine, ema, state: RunState, done: bool,
-                  phema: PowerEMA | None = None) -> tuple[float, bool]:
+    def signalled(self, step: int) -> bool:
+        """Whether a signal arrived on any rank, asked every train.signal_every steps (an all-reduce the host waits
+        for) and on one rank every step (its own flag, free)."""
+        if self.ctx.world_size > 1 and step % self.signal_every:
+            return False
+        return any_rank(self.signals.received is not None, self.ctx.device)
+
+    def step_done(self, engine, ema, state: RunState, done: bool, phema: PowerEMA | None = None,
+                  before_save=None) -> tuple[float, bool]:
         """After an optimiser step: write the post-hoc EMA snapshots on their cadence and at the end (`phema`, when
-        on), then save if the cadence, the end of training or a signal on any rank asks for it. Returns (seconds
-        spent saving, whether the run stops now to be resumed: a signal arrived)."""
-        preempted = any_rank(self.signals.received is not None, self.ctx.device)
+        on), then save if the cadence, the end of training or a signal on any rank asks for it; `before_save()` runs
+        first whenever something is written (the trainer's check for non-finite losses). Returns (seconds spent
+        saving, whether the run stops now to be resumed: a signal arrived)."""
+        preempted = self.signalled(state.step)
+        snapshot = phema is not None and (state.step % self.phema_every == 0 or done)
+        if before_save is not None and (snapshot or state.step % self.every == 0 or done or preempted):
+            before_save()
         seconds = 0.0
-        if phema is not None and (state.step % self.phema_every == 0 or done):
+        if snapshot:
             t0 = time.perf_counter()  # before the checkpoint: a resume from it replays no step of a lost snapshot
             save_snapshots(self.run_dir, engine.module, phema, state.step, self.ctx)
             seconds += time.perf_counter() - t0

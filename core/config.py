@@ -57,7 +57,10 @@ class TrainConfig:
     ds_config: str = "ds_configs/zero2.json"  # ZeRO stage, precision, offload; batch/clip/lr fields filled by code
     ckpt_every: int = 10_000
     log_every: int = 100
-    skip_nonfinite: bool = False  # skip a step whose loss is NaN/Inf instead of stopping the run
+    skip_nonfinite: bool = False  # skip a step whose loss is NaN/Inf instead of stopping the run (one host sync a step)
+    # Steps between the ranks' agreement on a preemption signal (an all-reduce the host waits for); one rank checks
+    # its own flag every step, for free. The stop comes at most this many steps after the signal.
+    signal_every: int = 10
     deterministic: bool = False  # torch deterministic algorithms (used by the bit-exact resume test)
     num_workers: int = 4  # data-loader worker processes per rank
     tensorboard: bool = True
@@ -311,7 +314,7 @@ def to_dict(cfg: Any) -> dict:
 # Keys that do not change a run's trajectory: a resume may change them freely.
 BOOKKEEPING_KEYS = ("run.dir", "train.max_steps", "train.ckpt_every", "train.log_every", "train.num_workers",
                     "train.tensorboard", "run.keep_last", "run.allow_config_change", "train.compile",
-                    "train.phema_every", "monitor.")
+                    "train.phema_every", "train.signal_every", "monitor.")
 
 
 def _flat(tree: dict, ignore: tuple[str, ...] = BOOKKEEPING_KEYS) -> dict:
@@ -523,7 +526,8 @@ def validate_common(cfg: Any) -> None:
     validate_monitor(cfg.monitor)
     t, r = cfg.train, cfg.repa
     check_positive(train__max_steps=t.max_steps, train__global_batch=t.global_batch, train__lr=t.lr,
-                   train__ckpt_every=t.ckpt_every, train__log_every=t.log_every, run__keep_last=cfg.run.keep_last)
+                   train__ckpt_every=t.ckpt_every, train__log_every=t.log_every, run__keep_last=cfg.run.keep_last,
+                   train__signal_every=t.signal_every)
     if t.micro_batch < 0:
         raise ConfigError(f"train.micro_batch must be >= 0 (0 = global_batch / world size), got {t.micro_batch}")
     if not 0.0 <= t.cond_dropout < 1.0:

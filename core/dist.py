@@ -79,12 +79,25 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
+def _distributed() -> bool:
+    return torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+
+
 def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank if `flag` is True on any rank (one scalar all-reduce)."""
+    """True on every rank if `flag` is True on any rank (one scalar all-reduce; none on one rank)."""
+    if not _distributed():
+        return flag
     t = torch.tensor([1.0 if flag else 0.0], device=device)
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return bool(t.item() > 0)
+
+
+def min_over_ranks(t: torch.Tensor) -> int:
+    """The smallest value of the one-element integer tensor `t` over the ranks, read on the host."""
+    if _distributed():
+        t = t.clone()
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+    return int(t.item())
 
 
 def mean_over_ranks(values: list[float], device: torch.device) -> list[float]:

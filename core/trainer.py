@@ -34,7 +34,7 @@ from core import checkpoint as ckpt
 from core.checkpoint import EXIT_PREEMPTED, Checkpointer, PreemptionSignals, RunState
 from core.config import ConfigError, config_hash, save_config, to_dict
 from core.data import StepSampler, make_loader
-from core.dist import DistContext, any_rank, barrier, mean_over_ranks, setup_distributed
+from core.dist import DistContext, any_rank, barrier, mean_over_ranks, min_over_ranks, setup_distributed
 from core.draws import RowDraws, as_draws, step_generator
 from core.ema import EMA, PowerEMA, update_averages
 from core.encoders import encoder_attention, encoder_dim, encoder_names, load_encoders, parse_encoder_spec
@@ -52,6 +52,31 @@ MONITOR_GROUP = "repa_train.monitors"  # entry points of what shows a run while 
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+class NonFiniteWatch:
+    """The first optimiser step whose loss was NaN/Inf on this rank, kept on the device (NONE: none yet), so that an
+    ordinary step reads nothing back to the host. `check` (at each log record and before anything is saved) reads
+    it on every rank and raises: the run stops a few steps after the bad one, with no checkpoint written since."""
+
+    NONE = 2**62
+
+    def __init__(self, device: torch.device):
+        self.first = torch.full((), self.NONE, dtype=torch.int64, device=device)
+
+    def observe(self, loss: torch.Tensor, step: int) -> None:
+        bad = ~torch.isfinite(loss.detach())
+        self.first = torch.where(bad & (self.first == self.NONE), step, self.first)
+
+    def check(self, run_dir: str) -> None:
+        """NonFiniteLossError if any rank saw a non-finite loss (a collective: every rank calls it)."""
+        first = min_over_ranks(self.first)
+        if first != self.NONE:
+            last = ckpt.latest_checkpoint(run_dir)
+            raise NonFiniteLossError(
+                f"non-finite loss at step {first}; stopping. The newest checkpoint {last or '(none yet)'} is intact "
+                "(none is written after a non-finite step). Set train.skip_nonfinite=true to skip such steps."
+            )
 
 
 def batch_plan(cfg, world_size: int) -> tuple[int, int]:
@@ -203,7 +228,8 @@ def training_batches(plan: RunPlan, step: int) -> Iterator[dict]:
 @dataclass
 class Run:
     """A built run: its plan, the DeepSpeed engine (model + optimiser), the EMA, the frozen REPA encoders (none
-    when the batches carry their stored features), the objective and the post-hoc EMA's profiles (None: off)."""
+    when the batches carry their stored features), the objective, the post-hoc EMA's profiles (None: off) and the
+    watch for non-finite losses (None: made by the first step, for runs built by hand)."""
 
     plan: RunPlan
     engine: Any
@@ -211,6 +237,7 @@ class Run:
     encoders: list
     objective: Any
     phema: PowerEMA | None = None
+    nonfinite: NonFiniteWatch | None = None
 
 
 def build_run(plan: RunPlan) -> Run:
@@ -236,7 +263,7 @@ def build_run(plan: RunPlan) -> Run:
                            ctx.device)
     ema = EMA(engine.module, cfg.train.ema_decay)
     phema = PowerEMA(ema, cfg.train.phema_stds) if cfg.train.phema_stds else None
-    return Run(plan, engine, ema, encoders, build_objective(cfg.objective), phema)
+    return Run(plan, engine, ema, encoders, build_objective(cfg.objective), phema, NonFiniteWatch(ctx.device))
 
 
 @dataclass
@@ -293,8 +320,9 @@ def train_step(run: Run, batches: Iterator[dict], step: int) -> StepResult:
     """One optimiser step over the plan's `accum` micro-batches drawn from `batches`, then the EMA update (and the
     post-hoc EMA's, at its step count `step` + 1).
 
-    A non-finite loss on any rank raises NonFiniteLossError, or with train.skip_nonfinite skips the step. Losses
-    stay on the device (no host sync for them); the one sync per micro-batch is the all-rank finiteness check.
+    A non-finite loss is noted on the device (run.nonfinite, checked by the loop at its log records and before a
+    save), so the step reads nothing back to the host; with train.skip_nonfinite the step is skipped instead, which
+    needs the all-rank answer before the update: one host sync per micro-batch.
     """
     cfg, ctx, engine = run.plan.cfg, run.plan.ctx, run.engine
     engine.train()
@@ -303,14 +331,13 @@ def train_step(run: Run, batches: Iterator[dict], step: int) -> StepResult:
         batch = next(batches)
         corrupt += batch.get("skipped", 0)
         loss, parts = micro_loss(run, batch, micro_draws(run.plan, step, m), step)
-        if any_rank(not torch.isfinite(loss).item(), ctx.device):
-            if not cfg.train.skip_nonfinite:
-                last = ckpt.latest_checkpoint(cfg.run.dir)
-                raise NonFiniteLossError(
-                    f"non-finite loss at step {step} (micro-batch {m}); stopping. The newest checkpoint "
-                    f"{last or '(none yet)'} is intact. Set train.skip_nonfinite=true to skip such steps."
-                )
-            return StepResult(True, losses, corrupt)
+        if cfg.train.skip_nonfinite:
+            if any_rank(not torch.isfinite(loss).item(), ctx.device):
+                return StepResult(True, losses, corrupt)
+        else:
+            if run.nonfinite is None:
+                run.nonfinite = NonFiniteWatch(ctx.device)
+            run.nonfinite.observe(loss, step)
         engine.backward(loss)
         engine.step()
         losses.append({"loss": loss.detach(), **parts})
@@ -416,12 +443,14 @@ def _train(cfg, ctx: DistContext, checkpointer: Checkpointer) -> int:
             steplog.add(result)
             bar.update(1)
             done = state.step >= cfg.train.max_steps
+            check = lambda: run.nonfinite.check(cfg.run.dir)  # noqa: E731  (raises NonFiniteLossError)
             if state.step % cfg.train.log_every == 0 or done:
+                check()
                 state.sum_counters(ctx.device)
                 steplog.write(state, run.engine, bar)
             if monitor is not None:
                 steplog.exclude(monitor.step_done(run, state, steplog.logger))
-            saving_s, stopped = checkpointer.step_done(run.engine, run.ema, state, done, run.phema)
+            saving_s, stopped = checkpointer.step_done(run.engine, run.ema, state, done, run.phema, before_save=check)
             steplog.exclude(saving_s)
     finally:
         bar.close()

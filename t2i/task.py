@@ -93,6 +93,7 @@ class T2ITask:
             shape = data.manifest["text_embedding"]["shape"]
             null_context = torch.zeros(*shape) if data.random else load_null_context(data.root, data.manifest)
         self.null_context = null_context
+        self._null_on = {}  # (device, dtype) -> null_context there, copied once rather than every micro-batch
 
     @classmethod
     def prepare_data(cls, cfg: T2IConfig, ctx: DistContext) -> DataInfo:
@@ -151,8 +152,10 @@ class T2ITask:
 
     def condition(self, batch: dict, drop: torch.Tensor, device: torch.device) -> dict:
         context = batch["context"].to(device, non_blocking=True)
-        null = self.null_context.to(device=device, dtype=context.dtype).expand_as(context)
-        return {"context": torch.where(drop[:, None, None], null, context)}
+        key = (str(device), context.dtype)
+        if key not in self._null_on:  # a copy from pageable host memory per micro-batch would stall the host
+            self._null_on[key] = self.null_context.to(device=device, dtype=context.dtype)
+        return {"context": torch.where(drop[:, None, None], self._null_on[key].expand_as(context), context)}
 
     def random_condition(self, n: int, generator: torch.Generator) -> dict:
         length, width = self.data.manifest["text_embedding"]["shape"]
