@@ -146,14 +146,15 @@ def save_checkpoint(run_dir: str, engine, ema, state: dict, cfg, rank: int, keep
     try:
         engine.save_checkpoint(staging, tag=tag, save_latest=False)
         write_json_atomic(os.path.join(part, f"rng_rank{rank}.json"), rng_state())
-        ema_state = ema.state_dict(engine.module)  # collective under ZeRO-3: every rank takes part
+        ema_state = ema.state_dict(engine.module)  # collectives under ZeRO-3: every rank takes part
+        phema_state = phema.state_dict() if phema is not None else None
         if rank == 0:
             with atomic_path(os.path.join(part, "ema.safetensors")) as tmp:
                 save_file(ema_state, tmp, metadata={"step": str(state["step"])})
             if phema is not None:
                 with atomic_path(os.path.join(part, PHEMA_FILE)) as tmp:
-                    save_file(phema.state_dict(), tmp, metadata={"step": str(state["step"]),
-                                                                 "sigma_rels": json.dumps(phema.sigma_rels)})
+                    save_file(phema_state, tmp, metadata={"step": str(state["step"]),
+                                                          "sigma_rels": json.dumps(phema.sigma_rels)})
             save_config(cfg, os.path.join(part, "config.yaml"))
             write_json_atomic(os.path.join(part, "state.json"), state)  # written last: marks the part complete
     except Exception as err:
@@ -294,17 +295,19 @@ def list_snapshots(run_dir: str) -> list[tuple[int, float, str]]:
 
 def save_snapshots(run_dir: str, module, phema: PowerEMA, step: int, ctx: DistContext) -> None:
     """Write each profile of `phema` at `step` to run.dir/phema (full model state, float32) on rank 0, atomically;
-    every rank calls it (under ZeRO-3 frozen parameters are gathered). A failed write raises on every rank."""
+    every rank calls it (under ZeRO-3 the profiles' partitions and frozen parameters are gathered). A failed write
+    raises on every rank."""
     error, extras = None, phema.extras(module)
-    if ctx.is_main:
-        try:
-            os.makedirs(phema_dir(run_dir), exist_ok=True)
-            for i, (sigma_rel, gamma) in enumerate(zip(phema.sigma_rels, phema.gammas)):
+    for i, (sigma_rel, gamma) in enumerate(zip(phema.sigma_rels, phema.gammas)):
+        snapshot = phema.snapshot(extras, i)  # a collective: every rank, even after rank 0 failed to write
+        if ctx.is_main and error is None:
+            try:
+                os.makedirs(phema_dir(run_dir), exist_ok=True)
                 with atomic_path(snapshot_path(run_dir, step, sigma_rel)) as tmp:
-                    save_file(phema.snapshot(extras, i), tmp,
+                    save_file(snapshot, tmp,
                               metadata={"step": str(step), "sigma_rel": repr(sigma_rel), "gamma": repr(gamma)})
-        except Exception as err:
-            error = err
+            except Exception as err:
+                error = err
     if any_rank(error is not None, ctx.device):
         why = f"{type(error).__name__}: {error}" if error is not None else "rank 0 could not write it"
         raise CheckpointSaveError(f"post-hoc EMA snapshot of step {step} in {phema_dir(run_dir)} could not be "

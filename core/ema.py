@@ -1,4 +1,9 @@
-"""Exponential moving averages of the model weights, in float32, identical on every rank (also under ZeRO-3).
+"""Exponential moving averages of the model weights, in float32.
+
+Under ZeRO-3 each rank averages its own partition of every parameter (DeepSpeed's `ds_tensor`: elements
+[rank * n, (rank + 1) * n) of the flattened parameter, zero-padded at the end), so a step gathers nothing and a
+rank holds 1/world of the averages; the whole averages are gathered only to save, export or sample. Elsewhere
+each rank holds the whole averages, identical on every rank.
 
 `EMA` is the classic one (decay 0.9999 per step). `PowerEMA` keeps the power-function profiles of post-hoc EMA
 (Karras et al. 2024, "Analyzing and Improving the Training Dynamics of Diffusion Models", arXiv 2312.02696,
@@ -27,15 +32,38 @@ def gathered_params(params: list):
     return contextlib.nullcontext()
 
 
-def gathered(module: nn.Module):
-    """Context in which every parameter of `module` is whole: a ZeRO-3 gather, else nothing."""
-    return gathered_params(list(module.parameters()))
+def _local(p: nn.Parameter) -> torch.Tensor:
+    """What this rank averages of `p`: its ZeRO-3 partition (flat), or the whole parameter."""
+    return (p.ds_tensor if hasattr(p, "ds_tensor") else p).detach()
 
 
 def _current(module: nn.Module, names: list[str]) -> list[torch.Tensor]:
-    """The float32 values of `module`'s parameters `names` (views when they are float32 already)."""
+    """The float32 values of this rank's part of `module`'s parameters `names` (views when float32 already)."""
     params = dict(module.named_parameters())
-    return [params[n].detach().float() for n in names]
+    return [_local(params[n]).float() for n in names]
+
+
+def _whole(part: torch.Tensor, p: nn.Parameter | None) -> torch.Tensor:
+    """The whole average of parameter `p` from every rank's partition `part` (a collective), on the CPU; `part`
+    itself when `p` is not partitioned (None)."""
+    if p is None:
+        return part.cpu().clone()
+    world = torch.distributed.get_world_size()
+    if part.numel() * world != p.ds_numel_aligned:
+        raise RuntimeError(f"a ZeRO-3 partition of {part.numel()} elements on {world} ranks does not make a "
+                           f"parameter of {p.ds_numel} ({p.ds_numel_aligned} aligned)")
+    parts = [torch.empty_like(part) for _ in range(world)]
+    torch.distributed.all_gather(parts, part.contiguous())
+    return torch.cat(parts)[:p.ds_numel].view(p.ds_shape).cpu()
+
+
+def _partition_of(whole: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
+    """This rank's partition of the flattened `whole`, shaped like `part` (zeros past the end)."""
+    n, start = part.numel(), torch.distributed.get_rank() * part.numel()
+    out = torch.zeros_like(part)
+    flat = whole.reshape(-1)[start:start + n]
+    out[:flat.numel()] = flat.to(out.device, out.dtype)
+    return out
 
 
 class EMA:
@@ -43,37 +71,44 @@ class EMA:
 
     def __init__(self, module: nn.Module, decay: float):
         self.decay = decay
-        with gathered(module):
-            self.shadow = {n: p.detach().float().clone() for n, p in module.named_parameters() if p.requires_grad}
+        params = {n: p for n, p in module.named_parameters() if p.requires_grad}
+        self.shadow = {n: _local(p).float().clone() for n, p in params.items()}
+        self.partitioned = {n: p for n, p in params.items() if hasattr(p, "ds_tensor")}  # ZeRO-3 parameters
 
     @torch.no_grad()
     def update(self, module: nn.Module) -> None:
-        with gathered(module):
-            self.lerp(_current(module, list(self.shadow)))
+        self.lerp(_current(module, list(self.shadow)))
 
     def lerp(self, current: list[torch.Tensor]) -> None:
         """One fused update towards `current`, the parameters in the order of `shadow`."""
         torch._foreach_lerp_(list(self.shadow.values()), current, 1.0 - self.decay)
 
+    def whole(self, shadow: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`shadow` (this EMA's or a profile's, same names) as whole CPU tensors: a collective under ZeRO-3."""
+        return {n: _whole(t, self.partitioned.get(n)) for n, t in shadow.items()}
+
     def state_dict(self, module: nn.Module) -> dict[str, torch.Tensor]:
-        """Full model state dict with EMA weights (buffers such as pos_embed from `module`), float32, CPU."""
-        with gathered(module):
-            out = {n: t.detach().float().cpu().clone() for n, t in module.state_dict().items()}
-        out.update({n: t.cpu().clone() for n, t in self.shadow.items()})
-        return out
+        """Full model state dict with EMA weights (buffers such as pos_embed from `module`), float32, CPU, on every
+        rank (every rank calls it: under ZeRO-3 it gathers)."""
+        with gathered_params([p for p in module.parameters() if not p.requires_grad]):
+            out = {n: t.detach().float().cpu().clone() for n, t in module.state_dict().items() if n not in self.shadow}
+        return {**out, **self.whole(self.shadow)}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        _copy_checked(self.shadow, state, "EMA")
+        self.copy_checked(self.shadow, state, "EMA")
 
-
-def _copy_checked(shadow: dict[str, torch.Tensor], state: dict[str, torch.Tensor], what: str) -> None:
-    missing = [n for n in shadow if n not in state]
-    if missing:
-        raise KeyError(f"{what} checkpoint lacks parameter {missing[0]!r}")
-    for n, t in shadow.items():
-        if state[n].shape != t.shape:
-            raise ValueError(f"{what} parameter {n!r}: checkpoint shape {tuple(state[n].shape)} != {tuple(t.shape)}")
-        t.copy_(state[n])
+    def copy_checked(self, shadow: dict[str, torch.Tensor], state: dict[str, torch.Tensor], what: str) -> None:
+        """Load the whole tensors `state` into `shadow` (this rank's partitions under ZeRO-3), names and shapes
+        checked."""
+        missing = [n for n in shadow if n not in state]
+        if missing:
+            raise KeyError(f"{what} checkpoint lacks parameter {missing[0]!r}")
+        for n, t in shadow.items():
+            p = self.partitioned.get(n)
+            shape = tuple(p.ds_shape) if p is not None else tuple(t.shape)
+            if tuple(state[n].shape) != shape:
+                raise ValueError(f"{what} parameter {n!r}: checkpoint shape {tuple(state[n].shape)} != {shape}")
+            t.copy_(_partition_of(state[n], t) if p is not None else state[n])
 
 
 # ------------------------------------------------------------------------------------------ power-function EMA
@@ -113,6 +148,7 @@ class PowerEMA:
     names as `ema.shadow`); `lerp(current, t)` after optimiser step t."""
 
     def __init__(self, ema: EMA, sigma_rels: list[float]):
+        self.ema = ema  # whose partitioning the profiles share
         self.sigma_rels = [float(s) for s in sigma_rels]
         self.gammas = [sigma_rel_to_gamma(s) for s in self.sigma_rels]
         self.names = list(ema.shadow)
@@ -131,25 +167,27 @@ class PowerEMA:
             return {n: t.detach().float().cpu().clone() for n, t in module.state_dict().items() if n not in names}
 
     def snapshot(self, extras: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
-        """Full model state dict with profile i's weights (the rest: `extras`), float32, CPU."""
-        return {**extras, **{n: t.cpu().clone() for n, t in self.shadows[i].items()}}
+        """Full model state dict with profile i's weights (the rest: `extras`), float32, CPU (every rank calls
+        it: under ZeRO-3 it gathers)."""
+        return {**extras, **self.ema.whole(self.shadows[i])}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """The profiles as one flat dict of CPU tensors, "{i}/{name}" (i: the index in sigma_rels)."""
-        return {f"{i}/{n}": t.cpu().clone() for i, shadow in enumerate(self.shadows) for n, t in shadow.items()}
+        """The profiles as one flat dict of whole CPU tensors, "{i}/{name}" (i: the index in sigma_rels); every
+        rank calls it."""
+        return {f"{i}/{n}": t for i, shadow in enumerate(self.shadows) for n, t in self.ema.whole(shadow).items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         for i, shadow in enumerate(self.shadows):
             prefix = f"{i}/"
-            _copy_checked(shadow, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)},
-                          f"post-hoc EMA (sigma_rel {self.sigma_rels[i]})")
+            self.ema.copy_checked(shadow, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)},
+                                  f"post-hoc EMA (sigma_rel {self.sigma_rels[i]})")
 
 
 @torch.no_grad()
 def update_averages(module: nn.Module, ema: EMA, power: PowerEMA | None, t: int) -> None:
-    """After optimiser step `t` (1-indexed): the classic EMA's update and each power profile's, on one gather."""
-    with gathered(module):
-        current = _current(module, list(ema.shadow))
-        ema.lerp(current)
-        if power is not None:
-            power.lerp(current, t)
+    """After optimiser step `t` (1-indexed): the classic EMA's update and each power profile's, from the same
+    reads of this rank's parameters (under ZeRO-3 its partitions: nothing is gathered)."""
+    current = _current(module, list(ema.shadow))
+    ema.lerp(current)
+    if power is not None:
+        power.lerp(current, t)

@@ -245,7 +245,7 @@ def test_resume_with_posthoc_ema_is_bit_exact(tmp_path):
     split = load_config(ClassCondConfig, TINY, [f"run.dir={tmp_path / 'b'}", *common])
     _loop(split, None, 7)  # killed after step 7: its newest checkpoint is step 4, snapshots 3 and 6 are written
     assert ckpt.latest_checkpoint(split.run.dir).endswith("step_00000004")
-    resume = ckpt.find_resume(split, 1)
+    resume = ckpt.find_resume(split)
     _loop(split, resume, 10)
     a, b = _files(tmp_path / "a"), _files(tmp_path / "b")
     assert sorted(a) == sorted(b)  # the same files
@@ -266,16 +266,16 @@ def test_resume_refuses_turning_posthoc_ema_on_or_changing_it_mid_run(tmp_path):
     _loop(off, None, 4)
     with pytest.raises(ConfigError, match=r"step_00000004 was written with post-hoc EMA off, and this run has "
                        r"train.phema_stds=\[0.05, 0.1\]: .* cannot start or change width mid-run"):
-        ckpt.find_resume(_cfg(tmp_path, "train.phema_stds=[0.05,0.1]", "run.allow_config_change=true"), 1)
+        ckpt.find_resume(_cfg(tmp_path, "train.phema_stds=[0.05,0.1]", "run.allow_config_change=true"))
     on = _cfg(tmp_path / "on", "train.max_steps=4", "train.ckpt_every=4", "train.phema_stds=[0.05,0.1]")
     _loop(on, None, 4)
     with pytest.raises(ConfigError, match=r"written with train.phema_stds=\[0.05, 0.1\], and this run has "
                        r"train.phema_stds=\[0.08\]"):
-        ckpt.find_resume(_cfg(tmp_path / "on", "train.phema_stds=[0.08]", "run.allow_config_change=true"), 1)
+        ckpt.find_resume(_cfg(tmp_path / "on", "train.phema_stds=[0.08]", "run.allow_config_change=true"))
     with pytest.raises(ConfigError, match=r"different config \(train.phema_stds: \[0.05, 0.1\] -> \[0.08\]"):
-        ckpt.find_resume(_cfg(tmp_path / "on", "train.phema_stds=[0.08]"), 1)
+        ckpt.find_resume(_cfg(tmp_path / "on", "train.phema_stds=[0.08]"))
     # the cadence is bookkeeping: a resume may change it
-    assert ckpt.find_resume(_cfg(tmp_path / "on", "train.phema_stds=[0.05,0.1]", "train.phema_every=7"), 1)
+    assert ckpt.find_resume(_cfg(tmp_path / "on", "train.phema_stds=[0.05,0.1]", "train.phema_every=7"))
 
 
 def test_off_by_default_the_checkpoint_holds_what_it_did(tmp_path):

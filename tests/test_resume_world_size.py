@@ -21,6 +21,9 @@ from core.logging import read_metrics
 
 LOSS_RTOL = 1e-5  # float32 reduction order over 6 steps, with room: measured <= 2e-7 relative
 EMA_ATOL = 2e-6  # measured 2.1e-7
+# The post-hoc EMA's short profile (sigma_rel 0.05) after 6 steps is close to the raw weights, where Adam's division
+# by sqrt(v) magnifies ulp-level gradient differences: measured 3.6e-6 (ZeRO-2 run), 1.3e-7 (ZeRO-3 run)
+PHEMA_ATOL = 2e-5
 
 
 # ---------------------------------------------------------------------------------------------------- the layout
@@ -105,10 +108,14 @@ def _assert_same_run(run, ref, last_step: int) -> None:
         for key in ("loss", "denoise_loss", "repa_loss", "grad_norm"):
             assert g[key] == pytest.approx(w[key], rel=LOSS_RTOL), (g["step"], key, g[key], w[key])
     tag = f"step_{last_step:08d}"
-    a, b = (load_file(os.path.join(d, "checkpoints", tag, "ema.safetensors")) for d in (run, ref))
-    assert a.keys() == b.keys()
-    worst = max((a[k] - b[k]).abs().max().item() for k in a)
-    assert worst <= EMA_ATOL, worst
+    files = {os.path.join("checkpoints", tag, "ema.safetensors"): EMA_ATOL,  # the EMA, the post-hoc EMA's snapshots
+             **{os.path.join("phema", f"phema-{last_step:08d}-{s}.safetensors"): PHEMA_ATOL for s in ("0.050", "0.100")}}
+    for path, atol in files.items():
+        a, b = (load_file(os.path.join(d, path)) for d in (run, ref))
+        assert a.keys() == b.keys()
+        worst = max((a[k] - b[k]).abs().max().item() for k in a)
+        print(f"{path}: max difference {worst:.2e}")
+        assert worst <= atol, (path, worst)
 
 
 @pytest.fixture(scope="module")
@@ -122,13 +129,15 @@ def reference(tmp_path_factory):
 def _args(run, max_steps: int, zero: str) -> list[str]:
     return ["--config", os.path.join("configs", "debug", "class_cond_tiny.yaml"), f"run.dir={run}",
             f"train.max_steps={max_steps}", "train.ckpt_every=2", "train.log_every=1", "train.num_workers=0",
-            "data.synthetic_samples=64", "train.tensorboard=false", f"train.ds_config=ds_configs/{zero}.json"]
+            "data.synthetic_samples=64", "train.tensorboard=false", f"train.ds_config=ds_configs/{zero}.json",
+            "train.phema_stds=[0.05,0.1]", "train.phema_every=2"]
 
 
 @pytest.mark.parametrize("zero,ranks", [("zero2_fp32", (2, 1, 2)), ("zero3_fp32", (1, 2, 1))])
 def test_a_run_resumed_on_another_number_of_ranks_continues_the_same_trajectory(tmp_path, reference, zero, ranks):
     """Steps 1-2, 3-4 and 5-6 on alternating numbers of ranks (2 -> 1 and 1 -> 2), each resume through the
-    universal format, equal an uninterrupted run within the float reduction-order tolerance."""
+    universal format, equal an uninterrupted run within the float reduction-order tolerance: losses, EMA and the
+    post-hoc EMA's snapshots (under ZeRO-3 each rank keeps only its partition of the averages)."""
     run = tmp_path / "run"
     for segment, n in enumerate(ranks):
         proc = run_train(_args(run, 2 * (segment + 1), zero), launcher="torchrun" if n > 1 else "python", ranks=n)
