@@ -273,14 +273,25 @@ class ShardReader:
         return f
 
     def __getitem__(self, index: int) -> dict:
-        """Raw members of sample `index`; an OSError here is the file system's (a sample is never read short:
-        a member cut off by a truncated shard raises ShardFormatError)."""
+        """Raw members of sample `index`, in one read of the span they occupy (a writer puts a sample's members
+        one after the other; a scattered sample is read member by member). An OSError here is the file system's
+        (a sample is never read short: a member cut off by a truncated shard raises ShardFormatError)."""
         shard, key, exts = self.entries[index]
         f = self._file(shard)
+        start = min(offset for offset, _ in exts.values())
+        end = max(offset + size for offset, size in exts.values())
+        # between contiguous members lie only tar headers and padding: < 2 KiB each, a pax header included
+        contiguous = end - start <= sum(size for _, size in exts.values()) + 2048 * len(exts)
+        if contiguous:
+            f.seek(start)
+            span = f.read(end - start)
         out = {"__key__": key}
         for ext, (offset, size) in exts.items():
-            f.seek(offset)
-            out[ext] = f.read(size)
+            if contiguous:
+                out[ext] = span[offset - start:offset - start + size]
+            else:
+                f.seek(offset)
+                out[ext] = f.read(size)
             if len(out[ext]) != size:
                 raise ShardFormatError(f"sample {key!r}: member {ext} is cut off ({len(out[ext])} of {size} bytes; "
                                        f"{self.manifest['shards'][shard]['name']} is truncated)")
