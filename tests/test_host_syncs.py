@@ -136,3 +136,11 @@ def test_the_t2i_null_condition_is_copied_to_the_device_once():
     b = task.condition(batch, drop, CPU)["context"]
     assert len(cached) == 1 and list(task._null_on.values())[0] is cached[0] and torch.equal(a, b)
     assert torch.equal(a[0], task.null_context) and torch.equal(a[1], batch["context"][1])
+
+
+def test_signal_every_must_be_positive():
+    from core.config import ConfigError
+
+    with pytest.raises(ConfigError, match="train.signal_every"):
+        load_config(ClassCondConfig, os.path.join(CONFIGS, "class_cond_tiny.yaml"), ["train.signal_every=0"],
+                    check_data=False)
