@@ -10,7 +10,7 @@ from core.shards import decode_value, shard_name, write_manifest, write_shard
 
 
 def decode_class_cond(raw: dict, need_image: bool, feature_keys: tuple[str, ...]) -> dict:
-    """Shard sample -> {"moments": (2C, h, w) float32, "label": int64, ["image"], ["feats"]} (core/data.py)."""
+    """Shard sample -> {"moments": (2C, h, w) as stored, "label": int64, ["image"], ["feats"]} (core/data.py)."""
     out = decode_training_sample(raw, ("cls",), need_image, feature_keys)
     out["label"] = torch.tensor(decode_value("cls", raw["cls"]), dtype=torch.long)
     return out

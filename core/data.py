@@ -89,17 +89,18 @@ class SkippingDataset(Dataset):
 def decode_training_sample(raw: dict, members: tuple[str, ...], need_image: bool,
                            feature_keys: tuple[str, ...]) -> dict:
     """The members every task reads from a shard sample (FORMATS.md), after checking that the task's own
-    `members` are there too: {"moments": (2C, h, w) float32, ["image": uint8 (3, H, W)], ["feats": tuple of (N, D)
-    float32]}. Raises ShardFormatError naming a missing member."""
+    `members` are there too: {"moments": (2C, h, w), ["image": uint8 (3, H, W)], ["feats": tuple of (N, D)]}, the
+    floats in their stored dtype (float16 as data_prep writes them: half the bytes to collate, pin and copy; the
+    step converts them to float32 on the device, exactly). Raises ShardFormatError naming a missing member."""
     wanted = ("latent.npy", *members) + (("image.png",) if need_image else ()) + feature_keys
     missing = [k for k in wanted if k not in raw]
     if missing:
         raise ShardFormatError(f"sample {raw.get('__key__')!r} has no {missing[0]!r} member")
-    out = {"moments": torch.from_numpy(decode_value("latent.npy", raw["latent.npy"]).astype("float32"))}
+    out = {"moments": torch.from_numpy(decode_value("latent.npy", raw["latent.npy"]))}
     if need_image:
         out["image"] = torch.from_numpy(decode_value("image.png", raw["image.png"]).copy()).permute(2, 0, 1)
     if feature_keys:
-        out["feats"] = tuple(torch.from_numpy(decode_value(k, raw[k]).astype("float32")) for k in feature_keys)
+        out["feats"] = tuple(torch.from_numpy(decode_value(k, raw[k])) for k in feature_keys)
     return out
 
 

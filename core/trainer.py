@@ -278,7 +278,7 @@ def encoder_targets(run: Run, batch: dict) -> EncoderTargets:
     the terms ask for), or the stored features it carries."""
     device = run.plan.ctx.device
     if not run.encoders:
-        return EncoderTargets([f.to(device, non_blocking=True) for f in batch["feats"]], [])
+        return EncoderTargets([f.to(device, non_blocking=True).float() for f in batch["feats"]], [])
     images = batch["image"].to(device, non_blocking=True)
     terms = run.plan.terms
     tokens, attn, cls = run.encoders[0].targets(images, terms.encoder_attn_blocks, with_cls=terms.reg)

@@ -76,7 +76,7 @@ def decode_t2i(raw: dict, position: int, seed: int, need_image: bool, feature_ke
     out = decode_training_sample(raw, ("txt_emb.npy",), need_image, feature_keys)
     embeddings = decode_value("txt_emb.npy", raw["txt_emb.npy"])  # (K, L, D)
     k = caption_index(seed, position, embeddings.shape[0])
-    out.update(context=torch.from_numpy(embeddings[k].astype(np.float32)), caption_index=k)
+    out.update(context=torch.from_numpy(np.ascontiguousarray(embeddings[k])), caption_index=k)  # float32 on the device
     return out
 
 
@@ -151,7 +151,7 @@ class T2ITask:
                                lambda raw, position: decode_t2i(raw, position, seed, need_image, keys))
 
     def condition(self, batch: dict, drop: torch.Tensor, device: torch.device) -> dict:
-        context = batch["context"].to(device, non_blocking=True)
+        context = batch["context"].to(device, non_blocking=True).float()  # stored float16: converted here, exactly
         key = (str(device), context.dtype)
         if key not in self._null_on:  # a copy from pageable host memory per micro-batch would stall the host
             self._null_on[key] = self.null_context.to(device=device, dtype=context.dtype)
