@@ -4,7 +4,7 @@ import os
 import numpy as np
 import torch
 
-from core.latents import PixelAutoencoder
+from core.latents import LatentStats, PixelAutoencoder, latent_entry
 from core.data import decode_training_sample
 from core.shards import decode_value, shard_name, write_manifest, write_shard
 
@@ -50,7 +50,7 @@ def make_synthetic_class_cond(root: str, num_samples: int, num_classes: int, res
     os.makedirs(root, exist_ok=True)
     ae = PixelAutoencoder(factor)
     rng = np.random.default_rng(seed)
-    shards = []
+    shards, stats = [], LatentStats(ae.latent_channels())
     for s, start in enumerate(range(0, num_samples, shard_size)):
         samples = []
         for i in range(start, min(start + shard_size, num_samples)):
@@ -59,14 +59,14 @@ def make_synthetic_class_cond(root: str, num_samples: int, num_classes: int, res
             moments = ae.encode_moments(torch.from_numpy(img).permute(2, 0, 1)[None])[0]
             samples.append({"__key__": f"{i:08d}", "latent.npy": moments.numpy().astype(np.float16),
                             "cls": label, "image.png": img})
+            stats.add(samples[-1]["latent.npy"])
         write_shard(os.path.join(root, shard_name(s)), samples)
         shards.append({"name": shard_name(s), "num_samples": len(samples)})
     h = resolution // factor
     manifest = {
         "kind": "class_cond", "source": f"generated (seed {seed})", "resolution": resolution,
         "num_classes": num_classes, "shards": shards, "features": [],
-        "latent": {"autoencoder": ae.id, "scale_factor": ae.scale_factor, "shift": 0.0,
-                   "shape": [ae.latent_channels(), h, h], "moments": "mean||std float16"},
+        "latent": latent_entry(ae, [ae.latent_channels(), h, h], stats),
     }
     write_manifest(root, manifest)
     return manifest

@@ -12,11 +12,13 @@ from core.layers import (
     Attention,
     FinalLayer,
     LabelEmbedder,
-    Mlp,
     PatchEmbed,
     TimestepEmbedder,
+    block_mlp,
+    block_norm,
     get_2d_sincos_pos_embed,
     modulate,
+    rope_2d_tables,
     unpatchify,
 )
 from core.repa import BlockOutputs, Taps, build_projector
@@ -25,18 +27,21 @@ from core.repa import BlockOutputs, Taps, build_projector
 class SiTBlock(nn.Module):
     """adaLN-Zero transformer block. x: (B, N, hidden), c: (B, hidden) conditioning -> (B, N, hidden)."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, qk_norm: bool = False):
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, qk_norm: bool = False,
+                 norm: str = "layernorm", mlp: str = "gelu"):
         super().__init__()
-        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(hidden_size, num_heads, qkv_bias=True, qk_norm=qk_norm)
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.norm1 = block_norm(norm, hidden_size)
+        self.attn = Attention(hidden_size, num_heads, qkv_bias=True, qk_norm=qk_norm, norm=norm)
+        self.norm2 = block_norm(norm, hidden_size)
+        self.mlp = block_mlp(mlp, hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, logit_heads: int = 0):
-        """-> x, or with logit_heads > 0 (x, the attention logits (B, logit_heads, N, N) of the first heads)."""
+    def forward(self, x: torch.Tensor, c: torch.Tensor, logit_heads: int = 0,
+                rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None):
+        """-> x, or with logit_heads > 0 (x, the attention logits (B, logit_heads, N, N) of the first heads).
+        rope: the 2-D rotary tables of the token grid, or None."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        attn = self.attn(modulate(self.norm1(x), shift_msa, scale_msa), logit_heads)
+        attn = self.attn(modulate(self.norm1(x), shift_msa, scale_msa), logit_heads, rope)
         attn, logits = attn if logit_heads else (attn, None)
         x = x + gate_msa.unsqueeze(1) * attn
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
@@ -57,6 +62,11 @@ class SiT(nn.Module):
     position row, and always returns (out, zs, extras) with extras["cls"] (B, reg_dim) the token's velocity
     (a zero-initialised head on the final layer). zs then cover token 0 as well: (B, 1 + N, encoder_dims[k]).
     Its parameter names (cls_projectors2, wg_norm, final_layer.linear_cls) are REG's, so its checkpoints load.
+
+    LightningDiT's architecture switches (Yao et al., arXiv 2501.01423; hustvl/LightningDiT models/lightningdit.py),
+    each independent, parameter names as there: norm="rmsnorm" (RMSNorm with a learnt scale for the blocks' and
+    the final layer's norms, and for q/k with qk_norm), mlp="swiglu" (its SwiGLU, w12/w3), rope=True (EVA-02's
+    2-D rotary embedding of q and k, after their norm, besides the fixed sin-cos position embedding).
     """
 
     def __init__(
@@ -78,9 +88,14 @@ class SiT(nn.Module):
         projector: str = "mlp",
         projector_kernel: int = 3,
         reg_dim: int = 0,
+        norm: str = "layernorm",
+        mlp: str = "gelu",
+        rope: bool = False,
     ):
         super().__init__()
         _check_config(input_size, patch_size, hidden_size, depth, num_heads, repa_depth, encoder_dims)
+        if rope and reg_dim:
+            raise ValueError("SiT: rope=True places tokens on the grid, and REG's class token has no place there")
         self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
         self.out_channels = 2 * in_channels if learn_sigma else in_channels
         self.repa_depth, self.reg_dim = repa_depth, reg_dim
@@ -94,10 +109,16 @@ class SiT(nn.Module):
             pos = torch.cat([pos.new_zeros(1, 1, hidden_size), pos], dim=1)
         # Persistent so "pos_embed" is in the state dict like the reference (a frozen Parameter there).
         self.register_buffer("pos_embed", pos, persistent=True)
-        self.blocks = nn.ModuleList(SiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm) for _ in range(depth))
+        self.blocks = nn.ModuleList(SiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm, norm, mlp)
+                                    for _ in range(depth))
+        self.rope = rope
+        if rope:  # not persistent: rebuilt from the recorded arguments, so state dicts stay LightningDiT's
+            cos, sin = rope_2d_tables(hidden_size // num_heads, input_size // patch_size)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
         self.projectors = nn.ModuleList(build_projector(hidden_size, projector_dim, d, projector, projector_kernel)
                                         for d in encoder_dims)
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, token_dim=reg_dim)
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, token_dim=reg_dim, norm=norm)
         if reg_dim:
             self.cls_projectors2 = nn.Linear(reg_dim, hidden_size)
             self.wg_norm = nn.LayerNorm(hidden_size, eps=1e-6)
@@ -134,9 +155,10 @@ class SiT(nn.Module):
             raise ValueError(f"SiT expects latents of shape (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
 
     def _block(self, block: SiTBlock, x: torch.Tensor, c: torch.Tensor, logit_heads: int = 0):
+        rope = (self.rope_cos, self.rope_sin) if self.rope else None
         if self.grad_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, x, c, logit_heads, use_reentrant=False)
-        return block(x, c, logit_heads)
+            return checkpoint(block, x, c, logit_heads, rope, use_reentrant=False)
+        return block(x, c, logit_heads, rope)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, taps: Optional[Taps] = None,
                 cls: Optional[torch.Tensor] = None):
@@ -192,8 +214,10 @@ _SIZES = {
 
 # Architecture only; input size, classes and REPA settings come from the run config.
 SIT_PRESETS: dict[str, dict] = {
-    **{f"{size}/{p}": {**arch, "patch_size": p} for size, arch in _SIZES.items() for p in (2, 4, 8)},
+    # /1: on an f16 VAE (VA-VAE, REPA-E's E2E-VAE) SiT-XL/1 has the tokens SiT-XL/2 has on the f8 SD-VAE
+    **{f"{size}/{p}": {**arch, "patch_size": p} for size, arch in _SIZES.items() for p in (1, 2, 4, 8)},
     "tiny": dict(depth=4, hidden_size=128, num_heads=4, patch_size=2),  # CPU tests and debug runs
+    "tiny/1": dict(depth=4, hidden_size=128, num_heads=4, patch_size=1),
 }
 
 

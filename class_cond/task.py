@@ -5,11 +5,11 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from core.config import TaskConfig, validate_task_config
+from core.config import ConfigError, LatentDataConfig, TaskConfig, check_choice, validate_task_config
 from core.data import SkippingDataset
 from core.dist import DistContext
 from core.latents import latent_layout
-from core.layers import check_labels
+from core.layers import MLPS, NORMS, check_labels
 from core.repa import projector_kwargs
 from core.shards import ShardReader, feature_key, read_manifest
 from core.task import DataInfo, generated_dataset
@@ -26,10 +26,14 @@ class ModelConfig:
     preset: str = "XL/2"  # SiT-{S,B,L,XL}/{2,4,8} or tiny (class_cond/models.py)
     qk_norm: bool = False
     grad_checkpointing: bool = False  # activation checkpointing of every block: less memory, ~30% more compute
+    # LightningDiT's switches (arXiv 2501.01423), each on its own: the blocks' norm, their MLP, 2-D RoPE in attention
+    norm: str = "layernorm"  # layernorm (DiT/SiT) or rmsnorm
+    mlp: str = "gelu"  # gelu (DiT/SiT) or swiglu
+    rope: bool = False
 
 
 @dataclass
-class DataConfig:
+class DataConfig(LatentDataConfig):
     kind: str = "shards"  # shards: a prepared dataset (data_prep.imagenet); synthetic: generated here
     path: str = ""  # the prepared dataset directory (kind=shards); a synthetic set is generated in <run.dir>/data
     synthetic_samples: int = 1024
@@ -45,6 +49,21 @@ class ClassCondConfig(TaskConfig):
 
     def validate(self, check_data: bool = True) -> None:
         validate_task_config(self, NAME, SIT_PRESETS, "data_prep.imagenet", check_data)
+        check_choice("model.norm", self.model.norm, NORMS)
+        check_choice("model.mlp", self.model.mlp, MLPS)
+        if self.model.rope and self.reg.coeff > 0:
+            raise ConfigError("model.rope=true rotates tokens by their grid position, and REG's class token "
+                              "(reg.coeff > 0) has none: train one or the other")
+        if self.model.rope and (SIT_PRESETS[self.model.preset]["hidden_size"]
+                                // SIT_PRESETS[self.model.preset]["num_heads"]) % 4:
+            raise ConfigError(f"model.rope=true needs a head dimension divisible by 4 ({self.model.preset})")
+
+
+def lightningdit_kwargs(m: ModelConfig) -> dict:
+    """The SiT arguments of the LightningDiT switches that are on (none otherwise, so other records are
+    unchanged)."""
+    return {k: v for k, v, off in (("norm", m.norm, "layernorm"), ("mlp", m.mlp, "gelu"), ("rope", m.rope, False))
+            if v != off}
 
 
 def null_labels(labels: torch.Tensor, num_classes: int) -> dict:
@@ -94,14 +113,14 @@ class ClassCondTask:
         return DataInfo(root, read_manifest(root))
 
     @classmethod
-    def random_data(cls, cfg: ClassCondConfig, resolution: int) -> DataInfo:
+    def random_data(cls, cfg: ClassCondConfig, resolution: int, autoencoder: str = "sd-vae") -> DataInfo:
         """The shapes of the configured data with nothing read: the generated set's for data.kind=synthetic, else
-        ImageNet at `resolution` px in SD-VAE latents, 1000 classes."""
+        ImageNet at `resolution` px in the latents of `autoencoder` (core.latents.latent_layout), 1000 classes."""
         d = cfg.data
         if d.kind == "synthetic":
             resolution, classes, latent = d.synthetic_resolution, d.synthetic_classes, f"pixel-s2d{SYNTHETIC_FACTOR}"
         else:
-            classes, latent = 1000, "sd-vae"
+            classes, latent = 1000, autoencoder
         return DataInfo("(random)", {"kind": "class_cond", "resolution": resolution, "num_classes": classes,
                                      "features": [], "latent": latent_layout(latent, resolution)}, random=True)
 
@@ -124,7 +143,8 @@ class ClassCondTask:
                 "projector_dim": self.cfg.repa.projector_dim, "qk_norm": m.qk_norm,
                 "learn_sigma": build_objective(self.cfg.objective).learn_sigma, **projector_kwargs(self.cfg.repa),
                 # REG: the first encoder's class token is token 0 (absent otherwise, so other records are unchanged)
-                **({"reg_dim": int(encoder_dims[0])} if self.cfg.reg.coeff > 0 and encoder_dims else {})}
+                **({"reg_dim": int(encoder_dims[0])} if self.cfg.reg.coeff > 0 and encoder_dims else {}),
+                **lightningdit_kwargs(m)}
 
     def dataset(self, need_image: bool, feature_names: list[str]):
         keys = tuple(feature_key(n) for n in feature_names)

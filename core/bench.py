@@ -43,7 +43,8 @@ from core.encoders import encoder_dim, encoder_names, load_encoders, random_weig
 from core.engine import build_ds_config
 from core.fileio import append_line
 from core.host_syncs import HostSyncCounter
-from core.shards import feature_record
+from core.memory_plan import measure_activations, plan_table, precision_of
+from core.shards import ShardReader, feature_record
 from core.task import load_task_config
 from core.trainer import RunPlan, build_run, plan_run, step_taps, train_step, training_batches
 
@@ -70,6 +71,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--data", choices=("random", "loader"), default="random",
                    help="random: in-memory batches of the data's shapes; loader: the prepared dataset")
     p.add_argument("--resolution", type=int, default=256, help="image px of random data for shards configs")
+    p.add_argument("--vae", default="sd-vae",
+                   help="the autoencoder whose latents random data of shards configs has: sd-vae, an AutoencoderKL "
+                        "path or hub id (its config.json), or C:F, channels and downsampling (VA-VAE: 32:16)")
     p.add_argument("--features", action="store_true",
                    help="REPA targets as stored encoder features (random ones) instead of running the encoders")
     p.add_argument("--random-encoders", action="store_true",
@@ -79,6 +83,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--flops-only", action="store_true",
                    help="count the training FLOPs per image only (meta-device model, no engine, nothing timed): "
                         "any size on any machine")
+    p.add_argument("--memory-plan", action="store_true",
+                   help="predict peak device memory per GPU (core.memory_plan): saved activations measured on this "
+                        "machine at the real width, states counted per ZeRO stage; nothing timed")
+    p.add_argument("--world", type=int, default=8, help="--memory-plan: ranks the ZeRO states are divided over")
+    p.add_argument("--batches", type=lambda s: [int(b) for b in s.split(",")], default=[32, 64, 128, 256],
+                   help="--memory-plan: batch sizes per GPU, comma-separated")
+    p.add_argument("--capacity-gib", type=float, default=80.0, help="--memory-plan: the GPU's memory (H100: 80)")
     p.add_argument("--at-step", type=int, default=0,
                    help="--flops-only: the optimiser step counted (after repa.stop_step the encoder is not run)")
     p.add_argument("--peak-tflops", type=float, default=None, help="the device's peak for MFU (default: table)")
@@ -229,19 +240,23 @@ def _timed(fn, n: int, device: torch.device) -> list[float]:
 def bench_loader(cfg, task_cls, ctx, args) -> dict:
     """Samples/s of the training loader alone over --steps micro-batches after --warmup."""
     plan = plan_run(cfg, task_cls(cfg, task_cls.prepare_data(cfg, ctx)), ctx)
+    t0 = time.perf_counter()  # what each rank pays at start-up to know where every sample is
+    reader = ShardReader(plan.data.root)
+    open_s = time.perf_counter() - t0
     loader = training_batches(plan, 0)
     for _ in range(args.warmup):
         next(loader)
     times = _timed(lambda i: next(loader), args.steps, torch.device("cpu"))
     return {"mode": "loader-only", "micro_batch": plan.micro, "num_workers": cfg.train.num_workers,
             "samples_per_s": plan.micro * len(times) / sum(times),
-            "ms_per_batch_median": 1e3 * float(np.median(times))}
+            "ms_per_batch_median": 1e3 * float(np.median(times)),
+            "reader_open_s": open_s, "reader_mapped": reader.mapped, "samples": len(reader)}
 
 
 def bench_flops(cfg, task_cls, ctx, args) -> dict:
     """The FLOP count of a training step at --at-step, on random data of the config's shapes; the encoders are
     loaded (on the CPU: one image each) only when the step runs them."""
-    plan = plan_run(cfg, task_cls(cfg, task_cls.random_data(cfg, args.resolution)), ctx)
+    plan = plan_run(cfg, task_cls(cfg, task_cls.random_data(cfg, args.resolution, args.vae)), ctx)
     encoders = (load_encoders(cfg.repa.encoders, plan.data.resolution, grid=plan.grid)
                 if plan.need_image and plan.terms.uses_encoder(args.at_step) else [])
     flops = count_flops(plan, encoders, step=args.at_step)
@@ -253,12 +268,67 @@ def bench_flops(cfg, task_cls, ctx, args) -> dict:
             "gflop_per_img_encoder_fwd": flops["encoder_fwd"] / 1e9, "flop_convention": FLOP_CONVENTION}
 
 
+def _stage_configs(ds_config: str) -> dict:
+    """{stage: ds_config dict} of the config's JSON family (zero1/2/3 with the same suffix: autocast, _fp32 or
+    _dsbf16), from the same folder."""
+    folder, name = os.path.split(ds_config)
+    suffix = next((s for s in ("_dsbf16", "_fp32") if name.endswith(f"{s}.json")), "")
+    out = {}
+    for stage in (1, 2, 3):
+        with open(os.path.join(folder, f"zero{stage}{suffix}.json")) as f:
+            out[stage] = json.load(f)
+    return out
+
+
+def bench_memory_plan(cfg, task_cls, ctx, args) -> dict:
+    """The memory plan (core.memory_plan) of the config at --world ranks: saved activations measured on the CPU at
+    the real width and token count (one sample, 1 and 2 blocks), states counted per ZeRO stage, a row per
+    --batches size, eager and checkpointed."""
+    plan = plan_run(cfg, task_cls(cfg, task_cls.random_data(cfg, args.resolution, args.vae)), ctx)
+    cpu = torch.device("cpu")
+    host = random_batch(plan, 1, torch.Generator().manual_seed(0), pin=False)
+    cond = plan.task.condition(host, torch.zeros(1, dtype=torch.bool), cpu)
+    c, h, w = plan.data.latent_shape
+    reg_dim = plan.model_kwargs.get("reg_dim", 0)
+
+    def build(depth: int):
+        kwargs = {**plan.model_kwargs, "depth": depth, "repa_depth": 1}
+        return plan.task.build_model(kwargs)
+
+    def forward(model, n: int):
+        g = torch.Generator().manual_seed(0)
+        x, t = torch.randn(n, c, h, w, generator=g), torch.rand(n, generator=g)
+        extra = {"cls": torch.randn(n, reg_dim, generator=g)} if reg_dim else {}
+        return model(x, t, **{k: v.expand(n, *v.shape[1:]) for k, v in cond.items()}, **extra)
+
+    stages = _stage_configs(cfg.train.ds_config)
+    precision = precision_of(stages[1])
+    acts = {precision: measure_activations(build, forward, plan.model_kwargs["depth"], precision)}
+    with torch.device("meta"):
+        params = sum(p.numel() for p in plan.task.build_model(plan.model_kwargs).parameters())
+    encoder_params = 0
+    if plan.need_image and cfg.repa.coeff > 0:
+        encoder_params = sum(p.numel() for e in load_encoders([random_weights_spec(s) for s in cfg.repa.encoders],
+                                                              plan.data.resolution, grid=plan.grid)
+                             for p in e.parameters())
+    averages = 1 + len(cfg.train.phema_stds)
+    rows = plan_table(acts, params, encoder_params, stages, args.world, args.batches, averages, args.capacity_gib)
+    a = acts[precision]
+    return {"mode": "memory-plan", "world": args.world, "precision": precision, "params_m": params / 1e6,
+            "encoder_params_m": encoder_params / 1e6, "latent_shape": list(plan.data.latent_shape),
+            "resolution": plan.data.resolution, "capacity_gib": args.capacity_gib,
+            "saved_mib_per_sample": {"block": a.block / 2**20, "rest": a.rest / 2**20,
+                                     "block_input": a.block_input / 2**20, "depth": a.depth},
+            "rows": rows, "not_counted": "allocator fragmentation and caching, CUDA/NCCL workspaces, single ops' "
+                                         "transient peaks; compiled blocks (at most eager) not measured"}
+
+
 def bench_step(cfg, task_cls, ctx, args) -> dict:
     """Time core.trainer.train_step: --warmup untimed steps, then --steps timed ones."""
     if args.data == "loader":
         task = task_cls(cfg, task_cls.prepare_data(cfg, ctx))
     else:
-        task = task_cls(cfg, task_cls.random_data(cfg, args.resolution))
+        task = task_cls(cfg, task_cls.random_data(cfg, args.resolution, args.vae))
         if args.features and cfg.repa.coeff > 0:  # stored features of each spec at the model's token grid
             kwargs = task.model_kwargs([])
             tokens = (kwargs["input_size"] // kwargs["patch_size"]) ** 2
@@ -317,10 +387,23 @@ def report(r: dict) -> str:
                            f"  GFLOP per image       model {r['gflop_per_img_model_fwd']:.4g} fwd + "
                            f"{r['gflop_per_img_model_bwd']:.4g} bwd, encoder {r['gflop_per_img_encoder_fwd']:.4g} fwd "
                            f"({r['flop_convention']})"])
+    if r["mode"] == "memory-plan":
+        s = r["saved_mib_per_sample"]
+        lines = [head, f"  memory plan at {r['world']} ranks, {r['precision']}, {r['params_m']:.1f}M params"
+                 f" (+ encoder {r['encoder_params_m']:.1f}M), {r['resolution']} px -> latents {r['latent_shape']}",
+                 f"  saved activations per sample: {s['block']:.2f} MiB per block x {s['depth']} + {s['rest']:.2f} "
+                 f"MiB rest; checkpointed: {s['block_input']:.2f} MiB per block kept (measured on this machine)",
+                 "  | batch/GPU | activations | ZeRO | states GiB | activations GiB | total GiB | fits "
+                 f"{r['capacity_gib']:g} GiB |", "  |---|---|---|---|---|---|---|"]
+        lines += [f"  | {w['batch']} | {w['mode']} | {w['stage']} | {w['states_gib']:.1f} | {w['activations_gib']:.1f} "
+                  f"| {w['total_gib']:.1f} | {'yes' if w['fits'] else 'no'} |" for w in r["rows"]]
+        return "\n".join(lines + [f"  not counted: {r['not_counted']}"])
     if r["mode"] == "loader-only":
         return "\n".join([head, f"  loader only: {r['samples_per_s']:.1f} samples/s per rank "
                                 f"({r['num_workers']} workers, micro-batch {r['micro_batch']}; "
-                                f"{r['ms_per_batch_median']:.1f} ms/batch, {timing})"])
+                                f"{r['ms_per_batch_median']:.1f} ms/batch, {timing})",
+                          f"  opening the reader: {r['reader_open_s']:.3f} s for {r['samples']} samples "
+                          f"({'its index mapped' if r['reader_mapped'] else 'tar headers read: no index'})"])
     if r["peak_tflops"]:
         mfu = (f"{100 * r['mfu']:.1f}% of {r['peak_tflops']:g} TFLOP/s ({r['peak_source']}); "
                f"{100 * r['mfu_with_encoder']:.1f}% counting the encoder forward")
@@ -363,7 +446,8 @@ def main(argv: list[str] | None = None) -> int:
     ctx = setup_distributed()
     cfg.run.dir = _scratch_dir(ctx)  # the benchmark writes no checkpoint; a generated set goes there
     try:
-        mode = bench_loader if args.loader_only else bench_flops if args.flops_only else bench_step
+        mode = (bench_loader if args.loader_only else bench_flops if args.flops_only
+                else bench_memory_plan if args.memory_plan else bench_step)
         result = mode(cfg, task_cls, ctx, args)
         barrier()
     except ConfigError as err:

@@ -118,6 +118,9 @@ class ObjectiveConfig:
     time_sampling: str = "uniform"  # transport: uniform t, or lognormal (sigma = exp(N(0,1)), t = sigma / (1 + sigma))
     diffusion_steps: int = 1000  # ddpm: T = 1000 as DiT (Peebles & Xie 2023, Sec. 3)
     beta_schedule: str = "linear"  # ddpm: DiT's linear betas 1e-4 .. 0.02 (scaled by 1000/T); or cosine (iDDPM)
+    # transport: weight of LightningDiT's velocity-direction loss, mean over positions of 1 - cos(v_pred, v) across
+    # channels, added to the MSE (1.0 there, its transport.use_cosine_loss); 0 = off
+    direction_loss: float = 0.0
 
 
 @dataclass
@@ -147,6 +150,15 @@ class MonitorConfig:
     wandb: bool = False  # log to Weights & Biases as well (one W&B run per run.dir, kept across resumes)
     wandb_project: str = "repa"
     wandb_mode: str = "online"  # online, or offline (files under run.dir/wandb, `wandb sync` later)
+
+
+@dataclass
+class LatentDataConfig:
+    """The fields of every task's data section that say how the stored latents are normalised for the model
+    (core.latents.LatentNorm)."""
+
+    latent_norm: str = "scalar"  # scalar: the autoencoder's scaling (SD-VAE 0.18215); channel: the set's mean/std
+    latent_multiplier: float = 1.0  # channel: z = (x - mean_c) / std_c * multiplier (LightningDiT: 1.0)
 
 
 @dataclass
@@ -525,6 +537,9 @@ def validate_common(cfg: Any) -> None:
     sections."""
     validate_monitor(cfg.monitor)
     t, r = cfg.train, cfg.repa
+    if isinstance(getattr(cfg, "data", None), LatentDataConfig):
+        check_choice("data.latent_norm", cfg.data.latent_norm, ("scalar", "channel"))
+        check_positive(data__latent_multiplier=cfg.data.latent_multiplier)
     check_positive(train__max_steps=t.max_steps, train__global_batch=t.global_batch, train__lr=t.lr,
                    train__ckpt_every=t.ckpt_every, train__log_every=t.log_every, run__keep_last=cfg.run.keep_last,
                    train__signal_every=t.signal_every)
@@ -569,6 +584,8 @@ def validate_common(cfg: Any) -> None:
     check_choice("objective.path", o.path, ("linear", "cosine"))
     check_choice("objective.time_sampling", o.time_sampling, ("uniform", "lognormal"))
     check_choice("objective.beta_schedule", o.beta_schedule, ("linear", "cosine"))
+    if not o.direction_loss >= 0:
+        raise ConfigError(f"objective.direction_loss must be >= 0 (0 = off), got {o.direction_loss}")
     if o.kind == "transport":
         for key, value, default in (("diffusion_steps", o.diffusion_steps, 1000), ("beta_schedule", o.beta_schedule,
                                                                                    "linear")):
@@ -576,7 +593,8 @@ def validate_common(cfg: Any) -> None:
                 raise ConfigError(f"objective.{key}={value} applies to objective.kind=ddpm only; "
                                   f"objective.kind=transport uses objective.path and objective.time_sampling")
     if o.kind == "ddpm":
-        for key, value, default in (("path", o.path, "linear"), ("time_sampling", o.time_sampling, "uniform")):
+        for key, value, default in (("path", o.path, "linear"), ("time_sampling", o.time_sampling, "uniform"),
+                                    ("direction_loss", o.direction_loss, 0.0)):
             if value != default:  # DDPM has its own noise schedule: the setting would be silently ignored
                 raise ConfigError(f"objective.{key}={value} applies to objective.kind=transport only; "
                                   f"objective.kind=ddpm uses objective.beta_schedule")

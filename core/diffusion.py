@@ -109,6 +109,7 @@ class GaussianDiffusion:
     """
 
     learn_sigma = True  # the model outputs 2C channels: eps, then the variance interpolation v
+    weights: dict = {}  # no losses besides its own hybrid loss
 
     def __init__(self, betas: torch.Tensor, timestep_map: list[int] | None = None,
                  original_steps: int | None = None):

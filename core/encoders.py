@@ -237,10 +237,13 @@ class TargetEncoder(nn.Module):
         x = x.to(next(self.model.parameters()).dtype)
         on_cuda = x.device.type == "cuda"
         with torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda else contextlib.nullcontext():
-            out = fn(x)
+            with torch.inference_mode():  # no autograd bookkeeping at all (version counters, views) for the frozen net
+                out = fn(x)
+        # float32 copies made outside inference mode: normal tensors, which the alignment losses' backward may save
+        fp32 = lambda t: t.to(torch.float32, copy=True)  # noqa: E731
         if isinstance(out, tuple):  # (tokens, [attention logits], class token or None)
-            return out[0].float(), [a.float() for a in out[1]], None if out[2] is None else out[2].float()
-        return out.float()
+            return fp32(out[0]), [fp32(a) for a in out[1]], None if out[2] is None else fp32(out[2])
+        return fp32(out)
 
     def extra_repr(self) -> str:
         return (f"name={self.description!r}, input_size={self.input_size}, patch_size={self.patch_size}, "

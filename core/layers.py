@@ -83,26 +83,85 @@ def attention_logits(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tens
     return (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
 
 
-class Attention(nn.Module):
-    """Multi-head self-attention, timm parameter names (qkv, q_norm, k_norm, proj). x: (B, N, dim) -> (B, N, dim)."""
+class RMSNorm(nn.Module):
+    """RMSNorm with a learnt scale (`weight`, ones at init), as LightningDiT's models/rmsnorm.py: normalised in
+    float32, cast back to the input's dtype, then scaled. x: (..., dim) -> like x."""
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, qk_norm: bool = False):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+NORMS = ("layernorm", "rmsnorm")
+
+
+def block_norm(kind: str, dim: int) -> nn.Module:
+    """A transformer block's pre-norm: DiT's LayerNorm without affine parameters, or LightningDiT's RMSNorm."""
+    if kind not in NORMS:
+        raise ValueError(f"norm {kind!r} is not one of {', '.join(NORMS)}")
+    return nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6) if kind == "layernorm" else RMSNorm(dim)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """EVA-02's rotation of interleaved pairs: (x_2i, x_2i+1) -> (-x_2i+1, x_2i)."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.stack((-x2, x1), dim=-1).flatten(-2)
+
+
+def rope_2d_tables(head_dim: int, grid: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables (grid**2, head_dim) of the 2-D rotary embedding LightningDiT takes from EVA-02
+    (VisionRotaryEmbeddingFast with dim = head_dim / 2): head_dim / 4 frequencies 1 / theta^(2k / (head_dim / 2)),
+    each on an interleaved pair; the first half of head_dim rotates by the token's row, the second by its column
+    (row-major tokens, integer positions computed as there: arange(grid) / grid * grid)."""
+    if head_dim % 4:
+        raise ValueError(f"2-D RoPE needs a head dimension divisible by 4, got {head_dim}")
+    dim = head_dim // 2
+    freqs = 1.0 / (theta ** (torch.arange(0, dim, 2)[: dim // 2].float() / dim))
+    pos = torch.arange(grid) / grid * grid
+    per_axis = torch.einsum("i,f->if", pos, freqs).repeat_interleave(2, dim=-1)  # (grid, dim), pairs interleaved
+    rows = per_axis[:, None, :].expand(grid, grid, dim)
+    cols = per_axis[None, :, :].expand(grid, grid, dim)
+    angles = torch.cat([rows, cols], dim=-1).reshape(grid * grid, head_dim)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """x: (B, heads, N, head_dim) rotated by the tables (N, head_dim) of rope_2d_tables."""
+    cos, sin = rope
+    return x * cos + rotate_half(x) * sin
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention, timm parameter names (qkv, q_norm, k_norm, proj). x: (B, N, dim) -> (B, N, dim).
+    qk_norm: a norm of each head's queries and keys (timm's affine LayerNorm, or RMSNorm with norm="rmsnorm", as
+    LightningDiT); forward's `rope`: 2-D rotary tables (rope_2d_tables) applied to them after it."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, qk_norm: bool = False,
+                 norm: str = "layernorm"):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"Attention: dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.q_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
-        self.k_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
+        make = (lambda: nn.LayerNorm(self.head_dim)) if norm == "layernorm" else (lambda: RMSNorm(self.head_dim))
+        self.q_norm = make() if qk_norm else nn.Identity()
+        self.k_norm = make() if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, logit_heads: int = 0):
+    def forward(self, x: torch.Tensor, logit_heads: int = 0, rope: tuple[torch.Tensor, torch.Tensor] | None = None):
         """-> the output, or with logit_heads > 0 (output, the attention logits of the first logit_heads heads)."""
         B, N, D = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:  # in float32 tables, then the dtype SDPA would cast to anyway
+            q, k = apply_rope(q, rope).to(v.dtype), apply_rope(k, rope).to(v.dtype)
         out = self.proj(attention(q, k, v).transpose(1, 2).reshape(B, N, D))
         return (out, attention_logits(q, k, logit_heads)) if logit_heads else out
 
@@ -118,6 +177,32 @@ class Mlp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
+
+
+class SwiGLU(nn.Module):
+    """LightningDiT's SwiGLU MLP (models/swiglu_ffn.py): one fused input Linear `w12` split into the SiLU half and
+    the gate, then `w3`; hidden width int(2/3 * hidden_features), so its cost is the GELU MLP's.
+    x: (..., in_features) -> (..., in_features)."""
+
+    def __init__(self, in_features: int, hidden_features: int):
+        super().__init__()
+        hidden = int(2 / 3 * hidden_features)
+        self.w12 = nn.Linear(in_features, 2 * hidden)
+        self.w3 = nn.Linear(hidden, in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(x1) * x2)
+
+
+MLPS = ("gelu", "swiglu")
+
+
+def block_mlp(kind: str, dim: int, hidden: int) -> nn.Module:
+    """A transformer block's MLP: DiT's tanh-GELU Mlp, or LightningDiT's SwiGLU."""
+    if kind not in MLPS:
+        raise ValueError(f"mlp {kind!r} is not one of {', '.join(MLPS)}")
+    return Mlp(dim, hidden) if kind == "gelu" else SwiGLU(dim, hidden)
 
 
 class PatchEmbed(nn.Module):
@@ -160,9 +245,10 @@ class FinalLayer(nn.Module):
     first token to (B, token_dim) and the others through `linear`.
     """
 
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, token_dim: int = 0):
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, token_dim: int = 0,
+                 norm: str = "layernorm"):
         super().__init__()
-        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.norm_final = block_norm(norm, hidden_size)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
         if token_dim:
             self.linear_cls = nn.Linear(hidden_size, token_dim)

@@ -1,14 +1,16 @@
 """The shard format (data_prep/FORMATS.md): webdataset tar shards plus a JSON manifest, read by random access.
 
-Writers make each shard atomically (a shard is complete or absent) and the manifest last. The reader indexes the
-tar members once (offsets of each member's data) and then reads any sample by seeking, so the training data order
-is a pure function of (seed, step): exact resume and a global shuffle without a shuffle buffer.
+Writers make each shard atomically (a shard is complete or absent), then the sample index (every member's data
+offset, INDEX_FILE) and the manifest last. The reader maps the index (or, for a dataset without one, reads the
+tar headers once) and then reads any sample by seeking, so the training data order is a pure function of (seed,
+step): exact resume and a global shuffle without a shuffle buffer.
 
 Decoding is limited to the extensions of our format (.npy without pickle, .png/.jpg, .cls, .txt, .json).
 """
 import errno
 import io
 import json
+import logging
 import os
 import resource
 import tarfile
@@ -24,6 +26,8 @@ from core.fileio import atomic_write, write_json_atomic  # noqa: F401 (re-export
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 MAX_OPEN_SHARDS = 64  # open shard files a reader keeps per process: far below the usual 1024 soft limit on files
+INDEX_FILE = "index.npy"  # every sample's shard, key and member offsets: readers need not scan the tar headers
+log = logging.getLogger(__name__)
 
 
 class ShardFormatError(ValueError):
@@ -150,14 +154,64 @@ def shard_name(index: int) -> str:
     return f"shard-{index:06d}.tar"
 
 
-def write_manifest(root: str, manifest: dict) -> None:
-    """Write manifest.json last, once every shard it lists exists; adds format_version and created."""
+def build_index(root: str, names: list[str], members: list | None = None) -> tuple[np.ndarray, dict]:
+    """The sample index of shards `names` of `root`: a structured array with one row per sample, in shard order
+    (shard, key, and per member of `exts` its data offset and size, -1 where a sample lacks it), and its header
+    for the manifest ({"file", "members", "shard_bytes"}). `members`: each shard's index_shard() when already
+    read (data_prep's check reads them), else the tar headers are read here."""
+    members = members if members is not None else [index_shard(os.path.join(root, n)) for n in names]
+    exts = sorted({ext for shard in members for _, e in shard for ext in e})
+    keylen = max([len(key.encode()) for shard in members for key, _ in shard] or [1])
+    dtype = np.dtype([("shard", "<i4"), ("key", f"S{keylen}"), ("offset", "<i8", (len(exts),)),
+                      ("size", "<i8", (len(exts),))])
+    index = np.zeros(sum(len(m) for m in members), dtype)
+    index["offset"], index["size"] = -1, -1
+    col, row = {ext: j for j, ext in enumerate(exts)}, 0
+    offsets, sizes = index["offset"], index["size"]  # views of the fields
+    for s, shard in enumerate(members):
+        index["shard"][row:row + len(shard)] = s
+        for key, e in shard:
+            index["key"][row] = key.encode()
+            for ext, (offset, size) in e.items():
+                offsets[row, col[ext]], sizes[row, col[ext]] = offset, size
+            row += 1
+    header = {"file": INDEX_FILE, "members": exts,
+              "shard_bytes": [os.path.getsize(os.path.join(root, n)) for n in names]}
+    return index, header
+
+
+def write_manifest(root: str, manifest: dict, members: list | None = None) -> None:
+    """Write the sample index (INDEX_FILE) and then manifest.json, last, once every shard it lists exists; adds
+    format_version, created and the index's header. `members`: each shard's index_shard() when already read; an
+    index the manifest already names and that still fits its shards is kept as it is."""
     for shard in manifest["shards"]:
         if not os.path.isfile(os.path.join(root, shard["name"])):
             raise ShardFormatError(f"manifest lists {shard['name']} but {root} has no such shard")
     manifest = {"format_version": FORMAT_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **manifest}
     manifest["num_samples"] = sum(s["num_samples"] for s in manifest["shards"])
+    if members is not None or _index_problem(root, manifest) is not None:
+        index, manifest["index"] = build_index(root, [s["name"] for s in manifest["shards"]], members)
+        with atomic_write(os.path.join(root, INDEX_FILE), "wb") as f:
+            np.save(f, index, allow_pickle=False)
     write_json_atomic(os.path.join(root, MANIFEST), manifest)
+
+
+def _index_problem(root: str, manifest: dict) -> str | None:
+    """Why the manifest's sample index cannot be used (None when it can): none recorded, its file missing, or a
+    shard whose size is not the recorded one (rewritten since)."""
+    header = manifest.get("index")
+    if not isinstance(header, dict):
+        return "the manifest records no sample index"
+    path = os.path.join(root, header.get("file", ""))
+    if not os.path.isfile(path):
+        return f"its index {path} is missing"
+    sizes = header.get("shard_bytes", [])
+    if len(sizes) != len(manifest["shards"]):
+        return "its index lists another number of shards"
+    for shard, size in zip(manifest["shards"], sizes):
+        if os.path.getsize(os.path.join(root, shard["name"])) != size:
+            return f"{shard['name']} is not the size the index recorded (rewritten since)"
+    return None
 
 
 # ------------------------------------------------------------------------------------------------------- reading
@@ -185,6 +239,8 @@ def read_manifest(root: str) -> dict:
     # a shared dataset's manifest names files inside its own directory only (no ../ or absolute paths)
     names = [("shards[].name", s.get("name") if isinstance(s, dict) else s) for s in manifest["shards"]]
     names += [(k, manifest[k]) for k in ("null_text_embedding", "fid_captions") if k in manifest]
+    if isinstance(manifest.get("index"), dict):
+        names.append(("index.file", manifest["index"].get("file")))
     if isinstance(manifest.get("fid_stats"), dict):
         names.append(("fid_stats.file", manifest["fid_stats"].get("file")))
     for key, name in names:
@@ -212,9 +268,12 @@ class ShardReader:
     """Random access to the samples of a prepared dataset: `reader[i] -> {ext: bytes}` plus "__key__" (raw, for a
     task's own decode function); `reader.decoded(i)` decodes every member.
 
-    At most `max_open` shard files are open at a time per process (least recently used closed first): a dataset
-    has thousands of shards, more than a process may open. Picklable, and safe to fork into data-loader workers:
-    each process opens its own files (file offsets are never shared).
+    Where the samples are comes from the dataset's index (INDEX_FILE, named by the manifest), memory-mapped, so
+    the processes of a node share one copy in the page cache and no rank reads a tar header. A dataset without
+    one (written before it existed), or whose shards changed size since, has its tar headers read instead (with
+    a warning for the second). At most `max_open` shard files are open at a time per process (least recently used
+    closed first): a dataset has thousands of shards, more than a process may open. Picklable, and safe to fork
+    into data-loader workers: each process opens its own files (file offsets are never shared).
     """
 
     def __init__(self, root: str, max_open: int = MAX_OPEN_SHARDS):
@@ -222,27 +281,66 @@ class ShardReader:
             raise ValueError(f"max_open must be >= 1, got {max_open}")
         self.root, self.max_open = root, max_open
         self.manifest = read_manifest(root)
-        self.entries: list[tuple[int, str, dict]] = []  # (shard index, key, {ext: (offset, size)})
-        for i, shard in enumerate(self.manifest["shards"]):
-            path = os.path.join(root, shard["name"])
-            if not os.path.isfile(path):
+        for shard in self.manifest["shards"]:
+            if not os.path.isfile(os.path.join(root, shard["name"])):
                 raise ShardFormatError(f"manifest of {root!r} lists {shard['name']}, which is missing")
-            members = index_shard(path)
-            if len(members) != shard["num_samples"]:
-                raise ShardFormatError(
-                    f"{path}: {len(members)} samples but the manifest says {shard['num_samples']}"
-                )
-            self.entries.extend((i, key, exts) for key, exts in members)
+        problem = _index_problem(root, self.manifest)
+        if problem is None:
+            self.mapped = True
+            self.exts = list(self.manifest["index"]["members"])
+            self._index = self._load_index()
+        else:
+            if "index" in self.manifest:  # one was written, so the shards changed after data_prep
+                log.warning("%s: %s; reading the shards' tar headers instead", root, problem)
+            self.mapped = False
+            self._index, header = build_index(root, [s["name"] for s in self.manifest["shards"]])
+            self.exts = header["members"]
+        counts = np.bincount(self._index["shard"], minlength=len(self.manifest["shards"]))
+        for shard, n in zip(self.manifest["shards"], counts):
+            if n != shard["num_samples"]:
+                raise ShardFormatError(f"{os.path.join(root, shard['name'])}: {n} samples but the manifest says "
+                                       f"{shard['num_samples']}")
+        self._col = {ext: j for j, ext in enumerate(self.exts)}
         self._files: OrderedDict[int, object] = OrderedDict()  # shard index -> open file, least recent first
         self._pid = os.getpid()
 
+    def _load_index(self) -> np.ndarray:
+        index = np.load(os.path.join(self.root, self.manifest["index"]["file"]), mmap_mode="r", allow_pickle=False)
+        if index.dtype.names != ("shard", "key", "offset", "size") or index["offset"].shape[1:] != (len(self.exts),):
+            raise ShardFormatError(f"{self.root}: {self.manifest['index']['file']} is not a sample index of its "
+                                   f"{len(self.exts)} members; delete it and its manifest entry to read the shards")
+        return index
+
     def __len__(self) -> int:
-        return len(self.entries)
+        return len(self._index)
+
+    def key(self, index: int) -> str:
+        return self._index["key"][index].decode()
+
+    def keys(self) -> list[str]:
+        return [k.decode() for k in self._index["key"]]
+
+    def members(self, index: int) -> dict[str, tuple[int, int]]:
+        """{ext: (data offset, size)} of sample `index`."""
+        row = self._index[index]
+        return {ext: (int(o), int(s)) for ext, o, s in zip(self.exts, row["offset"], row["size"]) if s >= 0}
+
+    def has(self, ext: str) -> np.ndarray:
+        """(len,) bool: which samples hold member `ext`."""
+        col = self._col.get(ext)
+        return np.zeros(len(self), bool) if col is None else self._index["size"][:, col] >= 0
 
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_files"], state["_pid"] = OrderedDict(), None
+        if self.mapped:  # the map is reopened, not copied, in the process that unpickles it
+            state["_index"] = None
         return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if self._index is None:
+            self._index = self._load_index()
 
     def close(self) -> None:
         """Close this process's open shard files (they reopen on the next read)."""
@@ -276,7 +374,7 @@ class ShardReader:
         """Raw members of sample `index`, in one read of the span they occupy (a writer puts a sample's members
         one after the other; a scattered sample is read member by member). An OSError here is the file system's
         (a sample is never read short: a member cut off by a truncated shard raises ShardFormatError)."""
-        shard, key, exts = self.entries[index]
+        shard, key, exts = int(self._index["shard"][index]), self.key(index), self.members(index)
         f = self._file(shard)
         start = min(offset for offset, _ in exts.values())
         end = max(offset + size for offset, size in exts.values())

@@ -99,7 +99,7 @@ class Task(Protocol):
         """Locate the prepared dataset (or generate the configured tiny one, on rank 0); a clear error if unusable."""
 
     @classmethod
-    def random_data(cls, cfg, resolution: int) -> DataInfo:
+    def random_data(cls, cfg, resolution: int, autoencoder: str = "sd-vae") -> DataInfo:
         """The shapes of the configured data at `resolution` px with nothing read (benchmark batches)."""
 
     @staticmethod

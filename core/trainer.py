@@ -20,6 +20,7 @@ micro-batch taking its rows (core.draws), and the data order is a function of (r
 exactly what an uninterrupted one would have done, and on another number of ranks what one would have done there
 (float reduction order aside).
 """
+import functools
 import logging
 import os
 import sys
@@ -39,7 +40,7 @@ from core.draws import RowDraws, as_draws, step_generator
 from core.ema import EMA, PowerEMA, update_averages
 from core.encoders import encoder_attention, encoder_dim, encoder_names, load_encoders, parse_encoder_spec
 from core.engine import apply_optimizer_settings, batch_layout, build_ds_config, create_engine
-from core.latents import sample_latents
+from core.latents import LatentNorm, run_latent_record, sample_latents
 from core.logging import MetricsLogger
 from core.repa import EncoderTargets, RepresentationTerms
 from core.shards import feature_key, has_images, stored_features
@@ -157,6 +158,12 @@ class RunPlan:
     feature_names: list  # stored encoder features the batches carry instead
     terms: RepresentationTerms  # the REPA-family terms beside the denoising loss
     load_universal: bool = False  # resuming a checkpoint of another number of ranks (core.checkpoint.reshards)
+    latent: dict = None  # the run's latent entry: the dataset's, with the normalisation it trains with
+
+    @functools.cached_property
+    def norm(self) -> LatentNorm:
+        """From the autoencoder's latents to the model's (data.latent_norm)."""
+        return LatentNorm.from_record(self.latent)
 
     @property
     def data(self) -> DataInfo:
@@ -172,7 +179,7 @@ class RunPlan:
 
     def new_state(self) -> RunState:
         return RunState(config_hash(self.cfg), self.ctx.world_size, self.model_record(),
-                        self.data.manifest["latent"], self.data.identity())
+                        self.latent, self.data.identity())
 
 
 def plan_run(cfg, task: Task, ctx: DistContext, layout: tuple[int, int] | None = None) -> RunPlan:
@@ -183,7 +190,22 @@ def plan_run(cfg, task: Task, ctx: DistContext, layout: tuple[int, int] | None =
     kwargs = task.model_kwargs(enc_dims)
     need_image, feature_names = data_needs(cfg, task.data, kwargs["input_size"] // kwargs["patch_size"])
     terms = RepresentationTerms(cfg.repa, cfg.disp, kwargs["depth"], cfg.reg)
-    return RunPlan(cfg, ctx, task, kwargs, micro, accum, need_image, feature_names, terms)
+    return RunPlan(cfg, ctx, task, kwargs, micro, accum, need_image, feature_names, terms,
+                   latent=latent_record(cfg, task.data))
+
+
+def latent_record(cfg, data: DataInfo) -> dict:
+    """The run's latent entry for the dataset's latents normalised as data.latent_norm says; ConfigError naming
+    the dataset when it has no statistics for it."""
+    norm = getattr(cfg.data, "latent_norm", "scalar")
+    latent = data.manifest["latent"]
+    if data.random and norm == "channel" and "channel_stats" not in latent:  # random batches: any statistics do
+        channels = latent["shape"][0]
+        latent = {**latent, "channel_stats": {"mean": [0.0] * channels, "std": [1.0] * channels, "count": 0}}
+    try:
+        return run_latent_record(latent, norm, getattr(cfg.data, "latent_multiplier", 1.0))
+    except ValueError as err:
+        raise ConfigError(f"data.latent_norm={norm}: dataset {data.root} cannot be normalised so: {err}") from None
 
 
 def preflight(cfg, ctx: DistContext, checkpointer: Checkpointer) -> tuple[RunPlan, str | None]:
@@ -297,14 +319,18 @@ def micro_loss(run: Run, batch: dict, g: RowDraws | torch.Generator, step: int) 
     plan, cfg, device = run.plan, run.plan.cfg, run.plan.ctx.device
     terms = plan.terms
     moments = batch["moments"].to(device, non_blocking=True)
-    x0 = sample_latents(moments, g, plan.data.scale, plan.data.shift)
+    x0 = sample_latents(moments, g, plan.norm)
     drop = as_draws(g).rand((x0.shape[0],), device) < cfg.train.cond_dropout
     cond = plan.task.condition(batch, drop, device)
     targets = encoder_targets(run, batch) if terms.uses_encoder(step) else None
     reg = {"cls": targets.cls} if terms.reg else {}  # REG: the clean class token, noised by the objective
     denoise, zs, *tapped = run.objective.loss(run.engine, x0, cond, g, step_taps(plan, step), **reg)
     denoise = denoise.mean()
-    extra, values = terms.losses(step, zs, tapped[0] if tapped else {}, targets, device)
+    tapped = tapped[0] if tapped else {}
+    extra, values = terms.losses(step, zs, tapped, targets, device)
+    for name, weight in run.objective.weights.items():  # the objective's own terms (LightningDiT's direction loss)
+        values[name] = tapped[name].mean()
+        extra = extra + weight * values[name]
     return denoise + extra, {"denoise_loss": denoise.detach(), **{k: v.detach() for k, v in values.items()}}
 
 
@@ -352,7 +378,7 @@ class StepLog:
     def __init__(self, plan: RunPlan, resume_step: int | None = None):
         """`resume_step`: the step a resumed run continues from (None: a new run)."""
         cfg = plan.cfg
-        self.names = ("loss", "denoise_loss") + plan.terms.names
+        self.names = ("loss", "denoise_loss") + plan.terms.names + tuple(build_objective(plan.cfg.objective).weights)
         wandb = ({"project": cfg.monitor.wandb_project, "mode": cfg.monitor.wandb_mode, "config": to_dict(cfg)}
                  if cfg.monitor.wandb else None)
         self.plan = plan

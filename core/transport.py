@@ -20,13 +20,16 @@ class Transport:
 
     learn_sigma = False  # SiT predicts velocity only: the model's output has the latent's channel count
 
-    def __init__(self, path: str = "linear", time_sampling: str = "uniform"):
+    def __init__(self, path: str = "linear", time_sampling: str = "uniform", direction_loss: float = 0.0):
         if path not in ("linear", "cosine"):
             raise ValueError(f"transport path {path!r} is not one of: linear, cosine")
         if time_sampling not in ("uniform", "lognormal"):
             raise ValueError(f"time sampling {time_sampling!r} is not one of: uniform, lognormal")
         self.path = path
         self.time_sampling = time_sampling
+        self.direction_weight = float(direction_loss)
+        # the losses besides the MSE it returns per sample (in the third element) and their weights
+        self.weights = {"direction_loss": self.direction_weight} if direction_loss else {}
 
     def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Coefficients (alpha_t, sigma_t, d alpha/dt, d sigma/dt) for t of any shape."""
@@ -61,6 +64,8 @@ class Transport:
         cls: REG's clean encoder class token (B, D): noised on the same path at the same t with its own noise
         (drawn after eps), fed to the model as `cls`; the third element then holds "cls_loss", the token's
         per-sample velocity MSE (B,).
+        With direction_loss > 0 the third element holds "direction_loss" (B,) too: LightningDiT's
+        mean over positions of 1 - cos(v_pred, v) across channels; the caller adds it with `weights`.
         """
         draws = as_draws(generator)
         t = self.sample_t(x0.shape[0], draws, x0.device)
@@ -75,6 +80,9 @@ class Transport:
         if cls is not None:
             cls_mse = (tapped[0]["cls"].float() - cls_target.float()).pow(2).mean(dim=1)
             tapped = [{**tapped[0], "cls_loss": cls_mse}]
+        if self.direction_weight:
+            cos = torch.nn.functional.cosine_similarity(pred.float(), target.float(), dim=1)  # (B, H, W)
+            tapped = [{**(tapped[0] if tapped else {}), "direction_loss": (1 - cos).flatten(1).mean(dim=1)}]
         return (mse, zs, *tapped)
 
 
@@ -85,7 +93,7 @@ def build_objective(cfg):
     """The objective named by an ObjectiveConfig (`objective.kind`): Transport (SiT) or, for "ddpm", DiT's
     core.diffusion.GaussianDiffusion. Both have `learn_sigma` and `loss(model, x0, cond, generator)`."""
     if cfg.kind == "transport":
-        return Transport(cfg.path, cfg.time_sampling)
+        return Transport(cfg.path, cfg.time_sampling, getattr(cfg, "direction_loss", 0.0))
     if cfg.kind == "ddpm":
         return GaussianDiffusion.from_config(cfg)
     raise ValueError(f"objective.kind {cfg.kind!r} is not one of: {', '.join(OBJECTIVE_KINDS)}")

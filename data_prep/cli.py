@@ -31,7 +31,8 @@ def common_parser(description: str) -> argparse.ArgumentParser:
                    help="precompute patch tokens of these REPA encoders (core/encoders.py names, NAME[@SOURCE])")
     p.add_argument("--feature-grid", type=int, default=None, metavar="G",
                    help="encoder input sized for G x G patch tokens: the token grid of the model to train, latent "
-                        "side / patch size (default: latent side / 2, the /2 models: resolution / 16 with the SD-VAE)")
+                        "side / patch size (default: latent side / 2, the /2 models: resolution / 16 with the SD-VAE; "
+                        "a /1 model on an f16 VAE such as VA-VAE needs resolution / 16 too)")
     p.add_argument("--store-images", action="store_true",
                    help="also store the cropped uint8 image (needed by a REPA encoder that runs at train time)")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
@@ -66,8 +67,12 @@ def check_common(args) -> None:
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise PrepError(f"--features names {twice[0]!r} twice: a sample stores one feat_{twice[0]}.npy")
+    try:  # the autoencoder's config alone: its downsampling must divide the resolution
+        layout = latent_layout(args.vae, args.resolution)
+    except ValueError as err:
+        raise PrepError(f"--vae {args.vae}: {err}") from None
     if args.feature_grid is None and args.features:
-        args.feature_grid = latent_layout(args.vae, args.resolution)["shape"][1] // 2
+        args.feature_grid = layout["shape"][1] // 2
     if args.feature_grid is not None and args.feature_grid < 1:
         raise PrepError(f"--feature-grid must be positive, got {args.feature_grid}")
     if not args.features and not args.store_images:

@@ -16,6 +16,7 @@ Sample keys are positions in the sorted input list, so they are short and unique
 file names; each sample keeps its input's name (relative to the source folder) as `path.txt`. Before the
 manifest is written, the shards are read back and checked against their sidecars.
 """
+import functools
 import hashlib
 import json
 import logging
@@ -30,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from core.fileio import write_json_atomic
+from core.latents import LatentStats, latent_entry
 from core.shards import ShardFormatError, feature_key, index_shard, read_manifest, shard_name, write_manifest, write_shard
 from data_prep.images import Loaded, load_image
 
@@ -194,6 +196,7 @@ class _ShardBuilder:
     def __init__(self, job: Job, models: Models, device, s: int):
         self.job, self.models, self.device, self.s = job, models, device, s
         self.samples: list[dict] = []
+        self.stats = None  # core.latents.LatentStats of the shard's stored moments
         self.pending: list[tuple[dict, np.ndarray, Optional[list]]] = []  # (sample, image, captions)
         self.record = {"shard": shard_name(s), "num_inputs": len(job.shard_items(s)), "skipped": {}, "converted": {},
                        "rotated": [], "keys": []}
@@ -236,6 +239,9 @@ class _ShardBuilder:
         for sample, members in zip(samples, encode_batch(self.models, list(images), text, self.device)):
             sample.update(members)
             self.samples.append(sample)
+            if self.stats is None:
+                self.stats = LatentStats(members["latent.npy"].shape[0] // 2)
+            self.stats.add(members["latent.npy"])  # the float16 values training reads
         self.pending = []
 
     def write(self) -> None:
@@ -246,7 +252,8 @@ class _ShardBuilder:
             shapes = {k: list(v.shape) for k, v in sample.items() if k.endswith(".npy")}
             if "txt_emb.npy" in shapes:
                 shapes["txt_emb.npy"] = shapes["txt_emb.npy"][1:]  # (L, D); K varies per image
-        self.record.update(num_samples=len(self.samples), shapes=shapes)
+        self.record.update(num_samples=len(self.samples), shapes=shapes,
+                           latent_stats=self.stats.to_record() if self.stats is not None else None)
         write_json_atomic(sidecar_path(self.job.out, self.s), self.record)
         write_shard(os.path.join(self.job.out, shard_name(self.s)), self.samples)
 
@@ -357,16 +364,19 @@ def summarize(records: list[dict]) -> dict:
             "converted_files": converted_files, "rotated_files": rotated_files, "shapes": shapes}
 
 
-def verify_shards(job: Job, records: list[dict]) -> None:
+def verify_shards(job: Job, records: list[dict]) -> list:
     """Read every shard back: the samples its sidecar lists, each key once in the whole dataset; PrepError naming
-    the shard otherwise (what a reader would refuse is refused here, before any manifest says "done")."""
+    the shard otherwise (what a reader would refuse is refused here, before any manifest says "done"). Returns
+    each shard's members (index_shard), for the dataset's index."""
     where: dict[str, str] = {}
+    members = []
     for r in records:
         path = os.path.join(job.out, r["shard"])
         try:
-            keys = [key for key, _ in index_shard(path)]
+            members.append(index_shard(path))
         except ShardFormatError as err:
             raise PrepError(f"{err}; delete it and rerun to prepare it again") from None
+        keys = [key for key, _ in members[-1]]
         if len(keys) != r["num_samples"] or keys != r.get("keys", keys):
             raise PrepError(f"{path} holds {len(keys)} samples but its sidecar lists {r['num_samples']}: the shard "
                             "and its sidecar come from different runs; delete both and rerun")
@@ -374,6 +384,17 @@ def verify_shards(job: Job, records: list[dict]) -> None:
             if key in where:
                 raise PrepError(f"sample key {key!r} is in both {where[key]} and {r['shard']}")
             where[key] = r["shard"]
+    return members
+
+
+def combined_latent_stats(records: list[dict]):
+    """The per-channel latent statistics of the whole set from its shards' sidecars (exact: float64 sums added),
+    or None when a shard was prepared before sidecars recorded them (`python -m data_prep.latent_stats` adds them
+    from the shards themselves)."""
+    if any("latent_stats" not in r for r in records):
+        return None
+    parts = [LatentStats.from_record(r["latent_stats"]) for r in records if r["latent_stats"]]
+    return functools.reduce(LatentStats.merge, parts[1:], parts[0]) if parts else None
 
 
 def finish_manifest(job: Job, kind: str, autoencoder, features: list, extra: dict,
@@ -389,7 +410,7 @@ def finish_manifest(job: Job, kind: str, autoencoder, features: list, extra: dic
         raise PrepError(f"no sample could be prepared from {len(job.items)} inputs: all were skipped "
                         f"({totals['skipped']}): {named}{' ...' if len(totals['skipped_files']) > 10 else ''}. Fix or replace "
                         "them and rerun (skipped files are read again), or delete the output to start over")
-    verify_shards(job, records)
+    members = verify_shards(job, records)
     for f in features:
         stored = shapes.get(feature_key(f["name"]))
         if stored != [f["tokens"], f["dim"]]:
@@ -398,20 +419,20 @@ def finish_manifest(job: Job, kind: str, autoencoder, features: list, extra: dic
     if before_manifest is not None:
         extra = {**extra, **before_manifest(totals)}
     c2, h, w = shapes["latent.npy"]
+    stats = combined_latent_stats(records)
     manifest = {
         "kind": kind, "source": job.record.get("source"), "resolution": job.resolution, **extra,
         "shard_size": job.shard_size, "flip": job.flip, "images": job.store_images, "crop": job.crop,
         "exif": job.exif,
         "shards": [{"name": r["shard"], "num_samples": r["num_samples"]} for r in records],
-        "latent": {"autoencoder": autoencoder.id, "scale_factor": autoencoder.scale_factor, "shift": 0.0,
-                   "shape": [c2 // 2, h, w], "moments": "mean||std float16"},
+        "latent": latent_entry(autoencoder, [c2 // 2, h, w], stats),
         "features": list(features),
         "inputs": len(job.items), "prepared": len(job.items) - sum(totals["skipped"].values()),
         "skipped": totals["skipped"], "converted": totals["converted"], "rotated": len(totals["rotated_files"]),
         "skipped_files": totals["skipped_files"], "converted_files": totals["converted_files"],
         "rotated_files": totals["rotated_files"],
     }
-    write_manifest(job.out, manifest)
+    write_manifest(job.out, manifest, members)
     manifest = read_manifest(job.out)
     print_counts(manifest)
     return manifest

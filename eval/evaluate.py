@@ -21,7 +21,7 @@ from eval.generate import add_generation_args, apply_preset, exit_on_user_error,
 def default_out(args: argparse.Namespace) -> str:
     """RUN/eval/ode50_cfg1.8_0-0.7_n50000_seed0 (settings in the name, so different runs never mix); a precision
     other than fp32 is appended (..._seed0_bf16), so fp32 folders keep the names they had before it was recorded;
-    so is a REG class token's guidance scale when given (..._clscfg2.3)."""
+    so is a REG class token's guidance scale when given (..._clscfg2.3), and a time shift other than 1 (..._shift0.3)."""
     root = args.run if os.path.isdir(args.run) else os.path.splitext(args.run)[0] + "_eval"
     sampler = f"{args.sampler}{args.steps}" + ("heun" if args.heun else "")
     low, high = args.guidance_interval
@@ -30,6 +30,8 @@ def default_out(args: argparse.Namespace) -> str:
         name += f"_{args.precision}"
     if args.cls_cfg is not None:
         name += f"_clscfg{args.cls_cfg:g}"
+    if args.time_shift != 1.0:
+        name += f"_shift{args.time_shift:g}"
     return os.path.join(root, "eval", name) if os.path.isdir(args.run) else os.path.join(root, name)
 
 

@@ -7,7 +7,8 @@ DIR holds, as diffusers lays a pipeline out:
     scheduler/      scheduler_config.json: FlowMatchEulerDiscreteScheduler (SiT/MMDiT, linear path, shift 1) or
                     DDPMScheduler (DiT: our betas, learned_range variance, epsilon prediction)
     repa_export.json  what diffusers has no field for: the latent (autoencoder, scale_factor, shift: decode
-                    (z - shift) / scale_factor), the null condition, the time convention and qk_norm
+                    (z - shift) / scale_factor; with "norm": "channel" its channel_stats and multiplier instead:
+                    decode z * std / multiplier + mean), the null condition, the time convention and qk_norm
 
 Two things diffusers hard-codes differently, so a model is exact only after `match_reference` (README; diffusers
 alone, no import of this project): diffusers' DiT time features use frequencies 10000^(-k/(half-1))
@@ -79,6 +80,11 @@ def dit_config(kwargs: dict) -> dict:
     if kwargs.get("reg_dim"):
         raise ExportError(f"a REG model (reg_dim={kwargs['reg_dim']}) carries an extra class token in its state; "
                           "DiTTransformer2DModel has no such token, so it cannot be exported")
+    switches = [f"{k}={kwargs[k]}" for k, plain in (("norm", "layernorm"), ("mlp", "gelu"), ("rope", False))
+                if kwargs.get(k, plain) != plain]
+    if switches:
+        raise ExportError(f"a model with LightningDiT's {', '.join(switches)} cannot be exported: diffusers' "
+                          "DiTTransformer2DModel has LayerNorm, a GELU feed-forward and no rotary embedding")
     _check_mlp(kwargs, "DiTTransformer2DModel")
     channels = kwargs.get("in_channels", 4)
     return {"num_attention_heads": kwargs["num_heads"], "attention_head_dim": kwargs["hidden_size"] // kwargs["num_heads"],

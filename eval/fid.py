@@ -344,7 +344,8 @@ def _dataset_images(root: str, batch_size: int, limit: Optional[int]) -> Iterato
     """The image.png members of a prepared dataset (data_prep/FORMATS.md), flipped copies left out."""
 
     reader = ShardReader(root)
-    keep = [i for i, (_, key, exts) in enumerate(reader.entries) if not key.endswith("_flip") and "image.png" in exts]
+    has_image = reader.has("image.png")
+    keep = [i for i, key in enumerate(reader.keys()) if not key.endswith("_flip") and has_image[i]]
     if not keep:
         raise ValueError(f"dataset {root!r} stores no image.png members to use as reference images")
     keep = keep[:limit]

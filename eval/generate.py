@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from core.config import ConfigError, load_config
 from core.fileio import WriteError, atomic_path, write_json_atomic
-from core.latents import build_autoencoder
+from core.latents import LatentNorm, build_autoencoder
 from core.task import Conditioner, get_task
 from core.transport import Transport, build_objective
 from eval.guidance import GuidedVelocity
@@ -51,7 +51,8 @@ SETTINGS_FILE = "generation.json"
 NPZ_FILE = "samples.npz"
 # Keys of generation.json that decide the images: a rerun with different values is refused, not mixed in.
 SAMPLING_KEYS = ("source", "step", "sampler", "steps", "heun", "cfg", "guidance_interval", "t_last", "seed",
-                 "seeding", "num_samples", "autoencoder", "cond_file", "precision", "conditions", "cls_cfg")
+                 "seeding", "num_samples", "autoencoder", "cond_file", "precision", "conditions", "cls_cfg",
+                 "time_shift")
 
 
 # Samplers of each objective kind (core.transport.build_objective); the first is the default.
@@ -121,13 +122,14 @@ class Generator:
     (Task.conditioner with {"cond_file": cond_file}). `autoencoder`: the decoder, if already built.
     cls_cfg: REG models only, the class token's guidance scale (REG's default 1.5; 0 = its conditional velocity);
     None picks that default for a REG model and is required for any other.
+    time_shift: the ODE's time grid shifted as LightningDiT's sampler (eval.samplers.shift_times; 1 = none).
     """
 
     def __init__(self, model: torch.nn.Module, meta: dict, sampler: Optional[str] = None, steps: int = 250,
                  heun: bool = False, cfg: float = 1.0, guidance_interval: Sequence[float] = (0.0, 1.0),
                  t_last: float = 0.04, seed: int = 0, vae: Optional[str] = None, cond_file: Optional[str] = None,
                  conditioner: Optional[Conditioner] = None, precision: str = "fp32", compile: bool = False,
-                 autoencoder=None, cls_cfg: Optional[float] = None):
+                 autoencoder=None, cls_cfg: Optional[float] = None, time_shift: float = 1.0):
         known = [name for names in SAMPLERS.values() for name in names]
         if sampler is not None and sampler not in known:
             raise ValueError(f"sampler must be one of {', '.join(known)}, got {sampler!r}")
@@ -135,7 +137,7 @@ class Generator:
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
         if heun and sampler != "ode":
             raise ValueError("--heun applies to the ODE sampler only")
-        check_sampling_values(cfg, t_last, cls_cfg)
+        check_sampling_values(cfg, t_last, cls_cfg, time_shift)
         self.model, self.meta = model, meta
         self.device = next(model.parameters()).device
         objective_cfg = objective_config(self.meta)
@@ -161,6 +163,7 @@ class Generator:
         # `autoencoder`: one already built (an in-training monitor keeps its SD-VAE instead of loading it each time)
         self.autoencoder = autoencoder or build_autoencoder(vae or latent["autoencoder"], self.device)
         self.latent_shape = tuple(latent["shape"])
+        self.norm = LatentNorm.from_record(latent)
         self.precision = precision
         self.settings = {
             "source": self.meta.get("source"), "step": self.meta.get("step"), "task": task_name,
@@ -171,7 +174,10 @@ class Generator:
             "autoencoder": vae or latent["autoencoder"], "cond_file": cond_file, "precision": precision,
             "conditions": getattr(self.conditioner, "protocol", None),  # how sample i's condition is chosen
             "nfe": 2 * steps - 1 if heun else steps, "cls_cfg": cls_cfg,
+            "time_shift": None if time_shift == 1.0 else float(time_shift),  # absent before: None for no shift
         }
+        if time_shift != 1.0 and self.settings["sampler"] != "ode":
+            raise ValueError(f"--time-shift applies to the ODE sampler (LightningDiT's), not {sampler}")
 
     @classmethod
     def load(cls, source: str, device: torch.device | str = "cpu", **settings) -> "Generator":
@@ -205,17 +211,16 @@ class Generator:
                                   tail_scale=s["cls_cfg"] if tail else 1.0)
         with autocast:
             if s["sampler"] == "ode":
-                x0 = ode_sample(velocity, x1, s["steps"], heun=s["heun"])
+                x0 = ode_sample(velocity, x1, s["steps"], heun=s["heun"], time_shift=s["time_shift"] or 1.0)
             else:
                 x0 = sde_sample(velocity, x1, s["steps"], gens, t_last=s["t_last"],
                                 coefficients=self.path.alpha_sigma)
         return joint.unpack(x0)[0] if self.token_dim else x0
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Scaled latents -> uint8 (B, 3, H, W): undo this run's scale/shift, then the autoencoder's own scale."""
-        latent = self.meta["latent"]
-        unscaled = (z.float() - latent.get("shift", 0.0)) / latent["scale_factor"]
-        return self.autoencoder.decode(unscaled * self.autoencoder.scale_factor)
+        """The model's latents -> uint8 (B, 3, H, W): undo the run's normalisation (its scale and shift, or its
+        per-channel statistics), then the autoencoder decodes its own latents."""
+        return self.autoencoder.decode_raw(self.norm.denormalize(z))
 
     def images(self, indices: Sequence[int], progress: Optional[Callable[[float], None]] = None) -> torch.Tensor:
         return self.decode(self.latents(indices, progress))
@@ -305,7 +310,7 @@ def generate(args: argparse.Namespace) -> dict:
     gen = Generator.load(args.run, state.device, sampler=args.sampler, steps=args.steps, heun=args.heun,
                          cfg=args.cfg, guidance_interval=args.guidance_interval, t_last=args.t_last, seed=args.seed,
                          vae=args.vae, cond_file=args.cond_file, precision=args.precision, compile=args.compile,
-                         cls_cfg=args.cls_cfg)
+                         cls_cfg=args.cls_cfg, time_shift=args.time_shift)
     available = gen.conditioner.num_available
     if available is not None and args.num_samples > available:
         raise ValueError(f"--num-samples {args.num_samples} exceeds the {available} conditions available")
@@ -360,6 +365,7 @@ class SamplingPreset:
     seed: int = 0
     precision: str = "fp32"
     cls_cfg: Optional[float] = None  # REG models: the class token's guidance scale (None: REG's 1.5)
+    time_shift: float = 1.0  # ODE: LightningDiT's time shift s (eval.samplers.shift_times); 1 = none
 
     def validate(self, check_data: bool = True) -> None:
         if self.sampler is not None and self.sampler not in SAMPLER_NAMES:
@@ -370,6 +376,8 @@ class SamplingPreset:
             raise ConfigError(f"guidance_interval: expected [low, high], got {self.guidance_interval}")
         if self.cls_cfg is not None and not self.cls_cfg >= 0:
             raise ConfigError(f"cls_cfg: must be >= 0, got {self.cls_cfg}")
+        if not self.time_shift > 0:
+            raise ConfigError(f"time_shift: must be > 0 (1 = none), got {self.time_shift}")
 
 
 def apply_preset(p: argparse.ArgumentParser, argv: Optional[list[str]]) -> None:
@@ -402,6 +410,9 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cls-cfg", type=float, default=d.cls_cfg,
                    help=f"REG models: guidance scale of the class token where the image is guided (default "
                         f"{REG_CLS_CFG}; 0 = its conditional velocity)")
+    p.add_argument("--time-shift", type=float, default=d.time_shift, metavar="S",
+                   help="ODE: shift the time grid as LightningDiT's sampler, t -> t / (S + (1 - S) t) with t = 1 "
+                        "noise; S < 1 spends more steps near the noise (its VA-VAE setting 0.3); 1 = none")
     p.add_argument("--num-samples", type=int, default=d.num_samples)
     p.add_argument("--batch-size", type=int, default=64, help="samples per process and batch")
     p.add_argument("--seed", type=int, default=d.seed)
@@ -411,15 +422,18 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
 
 
-def check_sampling_values(cfg: float, t_last: float, cls_cfg: Optional[float] = None) -> None:
-    """ValueError naming the option when --cfg, --t-last or --cls-cfg is out of range (checked before anything is
-    written)."""
+def check_sampling_values(cfg: float, t_last: float, cls_cfg: Optional[float] = None,
+                          time_shift: float = 1.0) -> None:
+    """ValueError naming the option when --cfg, --t-last, --cls-cfg or --time-shift is out of range (checked
+    before anything is written)."""
     if not cfg >= 0:  # also refuses nan
         raise ValueError(f"--cfg must be >= 0, got {cfg}")
     if not 0 < t_last < 1:
         raise ValueError(f"--t-last must be in (0, 1), got {t_last}")
     if cls_cfg is not None and not cls_cfg >= 0:
         raise ValueError(f"--cls-cfg must be >= 0, got {cls_cfg}")
+    if not time_shift > 0:
+        raise ValueError(f"--time-shift must be > 0 (1 = none), got {time_shift}")
 
 
 def validate_generation_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -430,13 +444,15 @@ def validate_generation_args(p: argparse.ArgumentParser, args: argparse.Namespac
     if not 0 <= low <= high <= 1:
         p.error(f"--guidance-interval must satisfy 0 <= LOW <= HIGH <= 1, got {low} {high}")
     try:
-        check_sampling_values(args.cfg, args.t_last, args.cls_cfg)
+        check_sampling_values(args.cfg, args.t_last, args.cls_cfg, args.time_shift)
         # resolve the default sampler from the run's objective now: output names depend on it
         args.sampler = pick_sampler(objective_config(resolve_weights(args.run)[1]).kind, args.sampler)
     except (ValueError, FileNotFoundError) as err:
         p.error(str(err))
     if args.heun and args.sampler != "ode":
         p.error("--heun applies to the ODE sampler only")
+    if args.time_shift != 1.0 and args.sampler != "ode":
+        p.error(f"--time-shift applies to the ODE sampler (LightningDiT's), not {args.sampler}")
     if args.sampler == "sde" and args.steps < 2:
         p.error(f"--steps must be >= 2 for the SDE sampler (its last step is the noiseless jump to 0), "
                 f"got {args.steps}")

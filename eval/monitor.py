@@ -66,7 +66,7 @@ class TrainingMonitor:
 
     def __init__(self, plan: RunPlan):
         self.plan, self.cfg, self.m, self.ctx = plan, plan.cfg, plan.cfg.monitor, plan.ctx
-        self.record = {"model": plan.model_record(), "latent": plan.data.manifest["latent"],
+        self.record = {"model": plan.model_record(), "latent": plan.latent,
                        "objective": to_dict(self.cfg.objective), "data": plan.data.identity(),
                        "source": os.path.abspath(self.cfg.run.dir), "step": 0}
         self.autoencoder = build_autoencoder(self.record["latent"]["autoencoder"], self.ctx.device)
@@ -193,7 +193,7 @@ class TrainingMonitor:
             idx = mine[b:b + BATCH]
             batch = default_collate([dataset[(i, i)] for i in idx])  # position = index: a fixed caption choice
             mean = batch["moments"].float().chunk(2, dim=1)[0]
-            x0 = (mean * task.data.scale + task.data.shift).to(device)
+            x0 = self.plan.norm.normalize(mean).to(device)  # the run's normalisation, also of a held-out set
             cond = task.condition(batch, torch.zeros(len(idx), dtype=torch.bool), device)
             batches.append((x0, cond, idx))
         return batches

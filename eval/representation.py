@@ -24,6 +24,7 @@ from torch import nn
 
 from core.diffusion import GaussianDiffusion, t_to_step
 from core.encoders import load_encoder
+from core.latents import LatentNorm
 from core.shards import ShardReader, decode_value
 from core.transport import Transport, build_objective
 from eval.loading import load_eval_model, objective_config, resolve_weights
@@ -169,20 +170,20 @@ def dataset_features(run: str, data: str, encoder_spec: str, layer: int, t: floa
     out). A model other than class-conditional is a ValueError (probe_objective)."""
     objective = probe_objective(resolve_weights(run)[1])  # refuse before building anything
     reader = ShardReader(data)
-    eligible = [i for i, (_, key, exts) in enumerate(reader.entries)
-                if not key.endswith("_flip") and {"latent.npy", "image.png", "cls"} <= set(exts)]
+    complete = reader.has("latent.npy") & reader.has("image.png") & reader.has("cls")
+    eligible = [i for i, key in enumerate(reader.keys()) if not key.endswith("_flip") and complete[i]]
     idx = [eligible[j] for j in subset_indices(len(eligible), num, seed)]
     if len(idx) < 2:
         raise ValueError(f"dataset {data!r} has {len(idx)} samples with latent.npy, image.png and cls; need >= 2")
     model, meta = load_eval_model(run, device)
     encoder = load_encoder(encoder_spec, int(reader.manifest["resolution"]), device)
     g = torch.Generator(device).manual_seed(seed)
-    lat = meta["latent"]
+    norm = LatentNorm.from_record(meta["latent"])
     hidden, feats, labels = [], [], []
     for b in range(0, len(idx), batch_size):
         raw = [reader[i] for i in idx[b:b + batch_size]]
         moments = torch.from_numpy(np.stack([decode_value("latent.npy", r["latent.npy"]) for r in raw])).float()
-        x0 = moments.chunk(2, dim=1)[0] * lat["scale_factor"] + lat.get("shift", 0.0)  # posterior mean
+        x0 = norm.normalize(moments.chunk(2, dim=1)[0])  # posterior mean
         y = torch.tensor([int(r["cls"]) for r in raw], device=device)
         images = torch.from_numpy(np.stack([decode_value("image.png", r["image.png"]) for r in raw]))
         hidden.append(pooled_hidden_states(model, x0.to(device), y, layer, t, g, objective).cpu())

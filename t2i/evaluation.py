@@ -42,7 +42,7 @@ class CaptionConditioner:
         with open(os.path.join(root, self.manifest["fid_captions"])) as f:
             entries = json.load(f)
         self.reader = ShardReader(root)
-        by_id = {int(key): i for i, (_, key, _) in enumerate(self.reader.entries) if not key.endswith("_flip")}
+        by_id = {int(key): i for i, key in enumerate(self.reader.keys()) if not key.endswith("_flip")}
         self.images = [(by_id[e["image_id"]], e["captions"]) for e in entries if e["image_id"] in by_id
                        and e["captions"]]
         if not self.images:

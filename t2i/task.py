@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from core.config import ConfigError, TaskConfig, TrainConfig, check_choice, validate_task_config
+from core.config import ConfigError, LatentDataConfig, TaskConfig, TrainConfig, check_choice, validate_task_config
 from core.data import SkippingDataset, decode_training_sample
 from core.dist import DistContext
 from core.latents import latent_layout
@@ -36,7 +36,7 @@ class T2IModelConfig:
 
 
 @dataclass
-class T2IDataConfig:
+class T2IDataConfig(LatentDataConfig):
     kind: str = "shards"  # shards: a prepared COCO dataset (data_prep.coco); synthetic: generated shapes
     path: str = ""  # the prepared dataset directory (kind=shards); a synthetic set is generated in <run.dir>/data
     synthetic_samples: int = 512
@@ -112,16 +112,16 @@ class T2ITask:
         return info
 
     @classmethod
-    def random_data(cls, cfg: T2IConfig, resolution: int) -> DataInfo:
+    def random_data(cls, cfg: T2IConfig, resolution: int, autoencoder: str = "sd-vae") -> DataInfo:
         """The shapes of the configured data with nothing read: the generated set's for data.kind=synthetic, else
-        COCO at `resolution` px in SD-VAE latents with CLIP ViT-L/14 text (77 x 768, App. K). The empty caption's
-        embedding is zeros."""
+        COCO at `resolution` px in the latents of `autoencoder` (core.latents.latent_layout) with CLIP ViT-L/14
+        text (77 x 768, App. K). The empty caption's embedding is zeros."""
         d = cfg.data
         if d.kind == "synthetic":
             resolution, latent, text = d.synthetic_resolution, d.synthetic_autoencoder, d.synthetic_text_encoder
             length, width = text_shape(text, d.synthetic_text_tokens)
         else:
-            latent, text = "sd-vae", "clip-l"
+            latent, text = autoencoder, "clip-l"
             length, width = text_shape(text)
         return DataInfo("(random)", {"kind": "t2i", "resolution": resolution, "features": [], "text_encoder": text,
                                      "text_embedding": {"shape": [length, width], "dtype": "float16"},

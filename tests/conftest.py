@@ -105,6 +105,20 @@ def assert_resumed_run_is_identical(straight, split, step: int, keys: tuple) -> 
     assert la.keys() == lb.keys() and all(la[s][k] == lb[s][k] for s in la for k in keys)
 
 
+def copy_as_killed_after(run, copy, step: int) -> None:
+    """`copy`: run directory `run` as a kill right after its step-`step` save would have left it (its later
+    checkpoints and its export removed; what it logged after that step stays, for the resume to replay), so the
+    same command rerun there resumes from `step` and must end with `run`'s bits: one launch fewer than training
+    the interrupted half on its own."""
+    import shutil
+
+    shutil.copytree(run, copy)
+    for name in os.listdir(os.path.join(copy, "checkpoints")):
+        if name.startswith("step_") and int(name[5:]) > step:
+            shutil.rmtree(os.path.join(copy, "checkpoints", name))
+    shutil.rmtree(os.path.join(copy, "export"), ignore_errors=True)
+
+
 @pytest.fixture
 def tiny_args(tmp_path):
     """Arguments for a short tiny run in a temporary run directory (shared generated data)."""

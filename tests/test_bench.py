@@ -76,7 +76,8 @@ def test_bench_loader_step_and_loader_only(tmp_path):
     step, loader = read_lines(out)
     assert step["mode"] == "step" and step["data"] == "loader"
     assert loader["mode"] == "loader-only" and loader["samples_per_s"] > 0 and loader["num_workers"] == 0
-    assert "loader only" in proc.stdout
+    assert loader["reader_mapped"] and loader["samples"] == 64 and loader["reader_open_s"] > 0
+    assert "loader only" in proc.stdout and "opening the reader" in proc.stdout
 
 
 @pytest.mark.parametrize("args, message", [

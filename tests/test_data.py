@@ -156,7 +156,7 @@ def test_pixel_autoencoder_is_exact():
 
 def test_sample_latents_draws_from_moments():
     mean, std = torch.full((4000, 1, 1, 1), 2.0), torch.full((4000, 1, 1, 1), 0.5)
-    z = sample_latents(torch.cat([mean, std], 1), torch.Generator().manual_seed(0), scale=0.18215)
+    z = sample_latents(torch.cat([mean, std], 1), torch.Generator().manual_seed(0), 0.18215)
     assert abs(z.mean().item() - 2 * 0.18215) < 0.005 and abs(z.std().item() - 0.5 * 0.18215) < 0.005
 
 
@@ -290,7 +290,7 @@ def test_errors_of_the_environment_are_raised_and_a_cut_off_member_is_skipped(tm
     assert is_sample_error(OSError("image file is truncated")) and is_sample_error(ValueError("bad .npy"))
     assert not is_sample_error(OSError(errno.EIO, "Input/output error"))
     # the last sample of shard 1 loses the end of its members: read short, skipped as corrupt
-    offset, size = reader.entries[7][2]["image.png"]
+    offset, size = reader.members(7)["image.png"]
     with open(tmp_path / shard_name(1), "r+b") as f:
         f.truncate(offset + size // 2)
     with pytest.raises(ShardFormatError, match=r"member image.png is cut off \(\d+ of \d+ bytes; "

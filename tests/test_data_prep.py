@@ -145,8 +145,10 @@ def test_sd_vae_path_with_tiny_autoencoderkl(tree, tmp_path):
     assert imagenet.main(["--src", src, "--out", str(tmp_path / "o"), "--resolution", "32", "--workers", "0",
                           "--vae", str(tmp_path / "vae"), "--limit", "6"]) == 0
     m = read_manifest(str(tmp_path / "o"))
+    stats = m["latent"].pop("channel_stats")  # tests/test_latent_norm.py checks them
     assert m["latent"] == {"autoencoder": str(tmp_path / "vae"), "scale_factor": 0.18215, "shift": 0.0,
                            "shape": [4, 16, 16], "moments": "mean||std float16"}
+    assert len(stats["mean"]) == len(stats["std"]) == 4 and stats["count"] == m["num_samples"] * 16 * 16
     assert m["inputs"] == 6 and m["num_samples"] + sum(m["skipped"].values()) == 6
     lat = ShardReader(str(tmp_path / "o")).decoded(0)["latent.npy"]
     assert lat.dtype == np.float16 and lat.shape == (8, 16, 16) and (lat[4:] > 0).all()  # mean || positive std

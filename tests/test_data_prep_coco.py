@@ -117,7 +117,7 @@ def test_coco_train_split_deterministic_and_t2i_trainer_reads_it(tmp_path):
     assert m["split"] == "train" and "fid_captions" not in m and "fid_stats" not in m  # split from the file name
     assert not os.path.exists(tmp_path / "a" / "fid_captions.json")
     names = sorted(f for f in os.listdir(tmp_path / "a") if f.endswith((".tar", ".npy")))
-    assert len(names) == 4  # 3 shards + the empty-caption embedding
+    assert len(names) == 5  # 3 shards, the empty-caption embedding and the sample index (deterministic too)
     for name in names:
         assert filecmp.cmp(tmp_path / "a" / name, tmp_path / "b" / name, shallow=False), name
     assert ShardReader(str(tmp_path / "a")).decoded(0)["feat_dinov2-tiny.npy"].shape == (16, 32)

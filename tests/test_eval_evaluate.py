@@ -32,9 +32,11 @@ def test_default_output_folder_names_the_precision():
 
     args = argparse.Namespace(run="/w/ema.safetensors", sampler="sde", steps=250, heun=False, cfg=1.8,
                               guidance_interval=(0.0, 0.7), num_samples=50000, seed=0, precision="fp32",
-                              cls_cfg=None)
+                              cls_cfg=None, time_shift=1.0)
     assert default_out(args) == "/w/ema_eval/sde250_cfg1.8_0-0.7_n50000_seed0"  # fp32 names as before
     args.precision = "bf16"
     assert default_out(args) == "/w/ema_eval/sde250_cfg1.8_0-0.7_n50000_seed0_bf16"
     args.cls_cfg = 2.3  # a REG model's token guidance
     assert default_out(args) == "/w/ema_eval/sde250_cfg1.8_0-0.7_n50000_seed0_bf16_clscfg2.3"
+    args.time_shift = 0.3  # LightningDiT's ODE grid
+    assert default_out(args) == "/w/ema_eval/sde250_cfg1.8_0-0.7_n50000_seed0_bf16_clscfg2.3_shift0.3"

@@ -179,3 +179,10 @@ def test_cli_writes_the_layout(tmp_path, capsys):
                    for f in fs)
     assert files == ["repa_export.json", "scheduler/scheduler_config.json", "transformer/config.json",
                      "transformer/diffusion_pytorch_model.safetensors"]
+
+
+def test_lightningdit_switches_are_refused_and_nothing_is_written(tmp_path):
+    _, source = write_run(tmp_path / "run", {**SIT, "norm": "rmsnorm", "rope": True})
+    with pytest.raises(ExportError, match=r"LightningDiT's norm=rmsnorm, rope=True cannot be exported"):
+        export(source, str(tmp_path / "out"))
+    assert _nothing_left(tmp_path)

@@ -64,7 +64,7 @@ def test_xl2_state_dict_matches_reference():
 
 
 def test_presets_are_data():
-    assert len(SIT_PRESETS) == 13
+    assert len(SIT_PRESETS) == 18  # S, B, L, XL at patch 1, 2, 4, 8; tiny and tiny/1
     assert SIT_PRESETS["B/4"] == dict(depth=12, hidden_size=768, num_heads=12, patch_size=4)
     assert SIT_PRESETS["L/8"] == dict(depth=24, hidden_size=1024, num_heads=16, patch_size=8)
     assert SIT_PRESETS["S/2"] == dict(depth=12, hidden_size=384, num_heads=6, patch_size=2)

@@ -23,6 +23,12 @@ NOT_RUN = {
     "sbatch": "a Slurm cluster (tests/test_slurm.py starts one and submits these scripts)",
     "CONFIG=": "a Slurm cluster (tests/test_slurm.py)",
     "HF_HUB_OFFLINE=1": "the weights downloaded to /models (tests/test_user_errors.py: the offline errors)",
+    # the variants' tiny presets, trained (longer, on two ranks) by tests/test_variants.py; the README's plain
+    # tiny command below runs the same entry point as written
+    "python -m core.train --config configs/debug/class_cond_tiny_irepa.yaml": "tests/test_variants.py trains it",
+    "python -m core.train --config configs/debug/class_cond_tiny_haste.yaml": "tests/test_variants.py trains it",
+    "python -m core.train --config configs/debug/class_cond_tiny_disp.yaml": "tests/test_variants.py trains it",
+    "python -m core.train --config configs/debug/class_cond_tiny_reg.yaml": "tests/test_variants.py trains it",
 }
 # The run directories the README's later commands read, played by runs the earlier commands train.
 STAND_INS = {"runs/coco": "t2i_tiny", "runs/x": "tiny"}

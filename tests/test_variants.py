@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from class_cond.models import SiT, build_model
 from class_cond.task import ClassCondConfig, ClassCondTask
-from conftest import REPO, assert_resumed_run_is_identical, run_train
+from conftest import REPO, assert_resumed_run_is_identical, copy_as_killed_after, run_train
 from core.logging import read_metrics
 from core.config import ConfigError, load_config
 from core.dist import DistContext
@@ -337,7 +337,7 @@ def test_attention_distillation_pairs_the_configured_blocks():
     g = torch.Generator().manual_seed(3)
     from core.latents import sample_latents
 
-    x0 = sample_latents(batch["moments"], g, run.plan.data.scale, run.plan.data.shift)
+    x0 = sample_latents(batch["moments"], g, run.plan.norm)
     drop = torch.rand(4, generator=g) < cfg.train.cond_dropout
     cond = run.plan.task.condition(batch, drop, torch.device("cpu"))
     _, _, tapped = Transport().loss(run.engine, x0, cond, g, Taps(attn_blocks=(2, 4), attn_heads=2))
@@ -407,9 +407,9 @@ def test_resume_across_the_stop_is_bit_identical(tmp_path):
               "train.ckpt_every=6", "train.log_every=2", "train.deterministic=true")
     straight, split = tmp_path / "straight", tmp_path / "split"
     run_train(_tiny("haste", straight, "train.max_steps=12", *common))
-    run_train(_tiny("haste", split, "train.max_steps=6", *common))
+    copy_as_killed_after(straight, split, 6)
     out = run_train(_tiny("haste", split, "train.max_steps=12", *common))
-    assert "resuming from" in out.stdout + out.stderr
+    assert "resuming from" in out.stdout + out.stderr and "at step 6" in out.stdout + out.stderr
     assert_resumed_run_is_identical(straight, split, 12, ("loss", "attn_loss", "disp_loss"))
     la = {r["step"]: r for r in read_metrics(straight)}
     assert la[8]["attn_loss"] > 0 and la[10]["attn_loss"] == 0  # the stop fell inside the resumed half

@@ -13,7 +13,7 @@ from torch import nn
 from class_cond.import_repa import check_keys, export_repa, infer_sit_kwargs
 from class_cond.models import build_sit
 from class_cond.task import ClassCondConfig
-from conftest import assert_resumed_run_is_identical, meta_state_dict, run_train
+from conftest import assert_resumed_run_is_identical, copy_as_killed_after, meta_state_dict, run_train
 from core.config import ConfigError, load_config
 from core.dist import DistContext
 from core.latents import sample_latents
@@ -146,7 +146,7 @@ def test_reg_step_aligns_the_class_token_position_and_weights_its_loss():
     torch.testing.assert_close(loss, parts["denoise_loss"] + 0.5 * parts["repa_loss"] + 0.03 * parts["cls_loss"])
     # the same draws by hand: the encoder's class token noised by the objective, REPA's target [cls, patches]
     g = torch.Generator().manual_seed(3)
-    x0 = sample_latents(batch["moments"], g, run.plan.data.scale, run.plan.data.shift)
+    x0 = sample_latents(batch["moments"], g, run.plan.norm)
     drop = torch.rand(4, generator=g) < cfg.train.cond_dropout
     cond = run.plan.task.condition(batch, drop, torch.device("cpu"))
     tokens, _, cls = run.encoders[0].inner.targets(batch["image"], (), with_cls=True)
@@ -348,8 +348,8 @@ def test_reg_resume_is_bit_identical(tmp_path):
               "data.synthetic_samples=64", "train.tensorboard=false")
     straight, split = tmp_path / "straight", tmp_path / "split"
     run_train(["--config", TINY_REG, f"run.dir={straight}", "train.max_steps=8", *common])
-    run_train(["--config", TINY_REG, f"run.dir={split}", "train.max_steps=4", *common])
+    copy_as_killed_after(straight, split, 4)
     out = run_train(["--config", TINY_REG, f"run.dir={split}", "train.max_steps=8", *common])
-    assert "resuming from" in out.stdout + out.stderr
+    assert "resuming from" in out.stdout + out.stderr and "at step 4" in out.stdout + out.stderr
     assert_resumed_run_is_identical(straight, split, 8, ("loss", "cls_loss", "repa_loss"))
     assert all(r["cls_loss"] > 0 for r in read_metrics(straight))
