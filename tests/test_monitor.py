@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, run_train
+from conftest import REPO, copy_as_killed_after, run_train
 from core.logging import read_metrics
 
 MONITOR = ("monitor.sample_every=3", "monitor.sample_count=6", "monitor.sample_steps=3", "monitor.eval_every=6",
@@ -64,7 +64,8 @@ def test_a_resumed_run_draws_the_same_grid_and_keeps_its_wandb_run(tmp_path, tin
               "monitor.wandb=true", "monitor.wandb_mode=offline")
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run_train(tiny_args("train.max_steps=6", *common, run_dir=straight))
-    run_train(tiny_args("train.max_steps=3", *common, run_dir=resumed))
+    copy_as_killed_after(straight, resumed, 3)  # killed after the step-3 save: grid 6 and later records redone
+    (resumed / "samples" / "step_00000006.png").unlink()
     run_id = (resumed / "wandb_id").read_text()
     run_train(tiny_args("train.max_steps=6", *common, run_dir=resumed))
     assert (resumed / "wandb_id").read_text() == run_id  # one W&B run for the whole run

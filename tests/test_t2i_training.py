@@ -15,12 +15,17 @@ T2I_TINY = os.path.join(REPO, "configs", "debug", "t2i_tiny.yaml")
 
 @pytest.fixture(scope="module")
 def shapes_data(tmp_path_factory):
-    """The tiny config's generated dataset (in its run.dir/data), made once through a 1-step run and shared by the
-    tests here as a prepared dataset."""
-    root = tmp_path_factory.mktemp("shapes")
-    run_train(["--config", T2I_TINY, f"run.dir={root / 'seed_run'}", "data.synthetic_samples=128",
-               "train.max_steps=1", "train.num_workers=0", "train.tensorboard=false"], script="t2i/train.py")
-    return root / "seed_run" / "data"
+    """The tiny config's generated dataset, made once by what its data.kind=synthetic runs (t2i.data's generator,
+    through data_prep.coco), with the config's settings, and shared by the tests here as a prepared dataset."""
+    from core.config import load_config
+    from t2i.data import make_synthetic_t2i
+    from t2i.task import T2IConfig
+
+    d = load_config(T2IConfig, T2I_TINY, ["data.synthetic_samples=128"]).data
+    root = tmp_path_factory.mktemp("shapes") / "data"
+    make_synthetic_t2i(str(root), d.synthetic_samples, d.synthetic_resolution, d.synthetic_text_encoder,
+                       d.synthetic_autoencoder, seed=0, text_tokens=d.synthetic_text_tokens)
+    return root
 
 
 def t2i_args(run_dir, data, *overrides):
