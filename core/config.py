@@ -22,6 +22,7 @@ from core.diffusion import beta_schedule
 from core.ema import MAX_SIGMA_REL
 from core.encoders import encoder_attention, encoder_has_class_token, parse_encoder_spec
 from core.fileio import atomic_write
+from core.latents import LATENT_NORMS
 from core.repa import LOSS_KINDS, PROJECTORS, TARGET_NORMS
 from core.shards import read_manifest
 
@@ -538,7 +539,7 @@ def validate_common(cfg: Any) -> None:
     validate_monitor(cfg.monitor)
     t, r = cfg.train, cfg.repa
     if isinstance(getattr(cfg, "data", None), LatentDataConfig):
-        check_choice("data.latent_norm", cfg.data.latent_norm, ("scalar", "channel"))
+        check_choice("data.latent_norm", cfg.data.latent_norm, LATENT_NORMS)
         check_positive(data__latent_multiplier=cfg.data.latent_multiplier)
     check_positive(train__max_steps=t.max_steps, train__global_batch=t.global_batch, train__lr=t.lr,
                    train__ckpt_every=t.ckpt_every, train__log_every=t.log_every, run__keep_last=cfg.run.keep_last,

@@ -153,6 +153,13 @@ class LatentStats:
         stats.sumsq[:] = record["sumsq"]
         return stats
 
+    @classmethod
+    def combined(cls, records: list) -> "LatentStats | None":
+        """The statistics of several parts (shards) from their records (None for a part with no sample): their
+        sums added; None when no part has a sample."""
+        parts = [cls.from_record(r) for r in records if r]
+        return functools.reduce(cls.merge, parts[1:], parts[0]) if parts else None
+
     def entry(self) -> dict:
         """The manifest's latent.channel_stats: {"mean", "std", "count"}."""
         if self.count < 2:

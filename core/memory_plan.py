@@ -19,13 +19,11 @@ Not counted: the allocator's fragmentation and caching, CUDA/NCCL workspaces (ab
 peaks of single ops (attention's workspace, the encoder's forward, the optimizer step's temporaries). So it is
 a lower bound to compare with a GPU's capacity with a margin, not a measurement of one.
 """
-import math
 from dataclasses import dataclass
 
 import torch
 
 GiB = 2**30
-STATE_BYTES = {"fp32": 4, "bf16": 2}
 
 
 @dataclass
@@ -157,6 +155,3 @@ def plan_table(acts: dict, params: int, encoder_params: int, ds_by_stage: dict, 
                              "fits": total <= capacity_gib})
     return rows
 
-
-def round_gib(x: float) -> str:
-    return f"{x:.1f}" if math.isfinite(x) else "n/a"

@@ -18,12 +18,13 @@ from core.latents import LatentStats
 from core.shards import ShardFormatError, decode_value, index_shard, read_manifest, write_manifest
 
 
-def shard_stats(root: str, name: str) -> dict:
-    """The LatentStats record of one shard's latent.npy members, read one by one."""
+def shard_stats(root: str, name: str) -> tuple[dict | None, list]:
+    """The LatentStats record of one shard's latent.npy members, read one by one, and the shard's members
+    (index_shard), so the manifest's sample index needs no second reading of the tar headers."""
     path = os.path.join(root, name)
-    stats = None
+    stats, members = None, index_shard(path)
     with open(path, "rb") as f:
-        for key, exts in index_shard(path):
+        for key, exts in members:
             if "latent.npy" not in exts:
                 raise ShardFormatError(f"{path}: sample {key!r} has no latent.npy")
             offset, size = exts["latent.npy"]
@@ -31,20 +32,20 @@ def shard_stats(root: str, name: str) -> dict:
             moments = decode_value("latent.npy", f.read(size))
             stats = stats or LatentStats(moments.shape[0] // 2)
             stats.add(moments)
-    return stats.to_record() if stats is not None else None
+    return (stats.to_record() if stats is not None else None), members
 
 
-def dataset_stats(root: str, workers: int = 1) -> LatentStats:
-    """The statistics of the whole prepared dataset at `root`, its shards read by `workers` processes."""
+def dataset_stats(root: str, workers: int = 1) -> tuple[LatentStats, list]:
+    """The statistics of the whole prepared dataset at `root`, its shards read by `workers` processes, and each
+    shard's members."""
     names = [s["name"] for s in read_manifest(root)["shards"]]
     work = functools.partial(shard_stats, root)
     if workers > 1:
         with Pool(workers) as pool:
-            records = pool.map(work, names)
+            results = pool.map(work, names)
     else:
-        records = [work(n) for n in names]
-    parts = [LatentStats.from_record(r) for r in records if r]
-    return functools.reduce(LatentStats.merge, parts[1:], parts[0])
+        results = [work(n) for n in names]
+    return LatentStats.combined([r for r, _ in results]), [m for _, m in results]
 
 
 def main(argv=None) -> int:
@@ -54,7 +55,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         manifest = read_manifest(args.dataset)
-        stats = dataset_stats(args.dataset, max(1, args.workers))
+        stats, members = dataset_stats(args.dataset, max(1, args.workers))
     except (ShardFormatError, OSError) as err:
         print(f"data_prep.latent_stats: {err}", file=sys.stderr)
         return 2
@@ -63,7 +64,7 @@ def main(argv=None) -> int:
               f"{manifest['latent']['shape'][0]}", file=sys.stderr)
         return 2
     manifest["latent"]["channel_stats"] = stats.entry()
-    write_manifest(args.dataset, manifest)
+    write_manifest(args.dataset, manifest, members)
     print(f"{args.dataset}: per-channel statistics of {stats.count} values per channel written to manifest.json")
     print(json.dumps({k: [round(v, 4) for v in manifest['latent']['channel_stats'][k]] for k in ("mean", "std")}))
     return 0

@@ -16,7 +16,6 @@ Sample keys are positions in the sorted input list, so they are short and unique
 file names; each sample keeps its input's name (relative to the source folder) as `path.txt`. Before the
 manifest is written, the shards are read back and checked against their sidecars.
 """
-import functools
 import hashlib
 import json
 import logging
@@ -393,8 +392,7 @@ def combined_latent_stats(records: list[dict]):
     from the shards themselves)."""
     if any("latent_stats" not in r for r in records):
         return None
-    parts = [LatentStats.from_record(r["latent_stats"]) for r in records if r["latent_stats"]]
-    return functools.reduce(LatentStats.merge, parts[1:], parts[0]) if parts else None
+    return LatentStats.combined([r["latent_stats"] for r in records])
 
 
 def finish_manifest(job: Job, kind: str, autoencoder, features: list, extra: dict,
